@@ -1,0 +1,295 @@
+"""Per-layer statistics of many tensors at once, on their device, plus EMA and window helpers.
+
+Everything here stays on the device of its inputs: no ``.item()``, no ``.cpu()``. A step's
+statistics for all layers come back as one ``(L, 8)`` tensor, moved to the host with one
+asynchronous copy (:class:`HostCopy`).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+
+import pandas as pd
+import torch
+from torch import nn
+
+STAT_NAMES: tuple[str, ...] = (
+    "count",  # number of entries (finite or not)
+    "mean",  # mean of the finite entries
+    "std",  # population standard deviation (ddof=0) of the finite entries
+    "min",  # smallest finite entry
+    "max",  # largest finite entry
+    "norm",  # L2 norm of the finite entries
+    "nonfinite",  # entries that are NaN or +-Inf
+    "zero_frac",  # fraction of entries exactly equal to zero
+)
+STAT_INDEX: dict[str, int] = {name: i for i, name in enumerate(STAT_NAMES)}
+
+TensorGroup = torch.Tensor | Sequence[torch.Tensor]
+
+
+def _as_groups(tensors: Sequence[TensorGroup] | Mapping[str, TensorGroup]) -> list[list[torch.Tensor]]:
+    items = list(tensors.items()) if isinstance(tensors, Mapping) else list(enumerate(tensors))
+    groups: list[list[torch.Tensor]] = []
+    for key, item in items:
+        group = [item] if isinstance(item, torch.Tensor) else list(item)
+        for t in group:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"tensors[{key!r}]: expected a torch.Tensor, got {type(t).__name__}")
+            if t.is_complex():
+                raise TypeError(f"tensors[{key!r}]: complex dtype {t.dtype} is not supported")
+        groups.append(group)
+    return groups
+
+
+CHUNK = 256  # entries per row of the padded layout; rows never straddle two layers
+
+
+@lru_cache(maxsize=64)
+def _layout(lengths: tuple[int, ...], device: torch.device) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Padding per layer, layer id per row and entry count per layer, cached per layout."""
+    rows = [-(-n // CHUNK) for n in lengths]
+    pads = [r * CHUNK - n for r, n in zip(rows, lengths)]
+    row_layer = torch.repeat_interleave(
+        torch.arange(len(lengths), device=device),
+        torch.tensor(rows, dtype=torch.int64, device=device),
+        output_size=sum(rows),
+    )
+    counts = torch.tensor(lengths, dtype=torch.int64, device=device)
+    return pads, row_layer, counts
+
+
+def batched_stats(tensors: Sequence[TensorGroup] | Mapping[str, TensorGroup]) -> torch.Tensor:
+    """Statistics of every layer in one pass, on the layers' device.
+
+    All layers are laid back to back in one buffer of rows of :data:`CHUNK` entries, each
+    layer padded with NaN to whole rows; dense row reductions then a tiny per-layer
+    combination (Chan et al.'s pairwise variance update) give every statistic with a fixed
+    number of kernels, whatever the number of layers.
+
+    Args:
+        tensors: one entry per layer; an entry is a tensor or a list of tensors (say a
+            module's weight and bias) that are summarised together. A mapping's keys are
+            used only in error messages.
+
+    Returns:
+        A float64 tensor of shape ``(L, len(STAT_NAMES))`` on the inputs' device, columns in
+        :data:`STAT_NAMES` order. Moments, min, max and norm cover the finite entries only;
+        ``nonfinite`` counts the rest. With no finite entry, mean/std/min/max are NaN and
+        norm is 0; an empty layer also has NaN ``zero_frac``. Counts are exact.
+
+    Raises:
+        TypeError: an entry is not a tensor, or is complex.
+        ValueError: no layers were given, or the tensors live on different devices.
+    """
+    groups = _as_groups(tensors)
+    if not groups:
+        raise ValueError("batched_stats(tensors=[]): need at least one layer")
+    devices = {t.device for g in groups for t in g}
+    if len(devices) > 1:
+        raise ValueError(f"batched_stats: tensors live on several devices {sorted(map(str, devices))}")
+    device = devices.pop() if devices else torch.device("cpu")
+    acc = torch.float64 if any(t.dtype == torch.float64 for g in groups for t in g) else torch.float32
+    lengths = tuple(sum(t.numel() for t in g) for g in groups)
+    pads, row_layer, counts = _layout(lengths, device)
+    n_layers = len(groups)
+
+    nan_pad = torch.full((CHUNK,), float("nan"), dtype=acc, device=device)
+    parts: list[torch.Tensor] = []
+    for group, pad in zip(groups, pads):
+        parts.extend(t.detach().reshape(-1).to(acc) for t in group)
+        if pad:
+            parts.append(nan_pad[:pad])
+    x = torch.cat(parts).view(-1, CHUNK) if parts else nan_pad[:0].view(0, CHUNK)  # (R, C)
+
+    finite = torch.isfinite(x)
+    n_row = torch.count_nonzero(finite, dim=1)  # (R,) int64, exact
+    x0 = torch.where(finite, x, 0.0)
+    mean_row = x0.sum(1) / n_row.clamp(min=1)
+    dev_row = torch.where(finite, x - mean_row[:, None], 0.0)
+    m2_row = (dev_row * dev_row).sum(1)  # sum of squared deviations from the row mean
+    sq_row = (x0 * x0).sum(1)
+    zero_row = CHUNK - torch.count_nonzero(x, dim=1)  # NaN padding counts as non-zero
+    lo_row = torch.where(finite, x, float("inf")).amin(1)
+    hi_row = torch.where(finite, x, float("-inf")).amax(1)
+
+    def per_layer(v: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n_layers, dtype=v.dtype, device=device).index_add_(0, row_layer, v)
+
+    n_fin = per_layer(n_row)  # (L,) int64
+    nf = n_fin.to(acc)
+    mean = per_layer(mean_row * n_row) / nf  # NaN where a layer has no finite entry
+    shift = mean_row - mean[row_layer]
+    m2 = per_layer(m2_row + n_row * shift * shift)
+    lo = torch.full((n_layers,), float("inf"), dtype=acc, device=device)
+    hi = torch.full((n_layers,), float("-inf"), dtype=acc, device=device)
+    lo = lo.scatter_reduce(0, row_layer, lo_row, "amin")
+    hi = hi.scatter_reduce(0, row_layer, hi_row, "amax")
+    none = n_fin == 0
+
+    f64 = torch.float64  # one dtype for one transfer; exact integer counts up to 2**53
+    c64 = counts.to(f64)
+    return torch.stack(
+        [
+            c64,
+            mean.to(f64),
+            torch.sqrt(m2 / nf).to(f64),
+            lo.masked_fill(none, float("nan")).to(f64),
+            hi.masked_fill(none, float("nan")).to(f64),
+            torch.sqrt(per_layer(sq_row)).to(f64),
+            (counts - n_fin).to(f64),
+            per_layer(zero_row).to(f64) / c64,
+        ],
+        dim=1,
+    )
+
+
+class HostCopy:
+    """A device tensor on its way to host memory: started at once, waited for only on demand.
+
+    On CUDA the copy goes into pinned memory with ``non_blocking=True`` and an event marks its
+    end, so creating a ``HostCopy`` never stalls the step; on CPU it is a plain snapshot.
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach()
+        self._event = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(tensor.device))
+        else:
+            self._host = tensor.clone()
+
+    def ready(self) -> bool:
+        """True when the copy has landed and :meth:`wait` will not block."""
+        return self._event is None or self._event.query()
+
+    def wait(self) -> torch.Tensor:
+        """Block until the copy has landed; return the host tensor."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
+
+
+def module_tensors(
+    model: nn.Module, kind: str = "grad", by: str = "module"
+) -> dict[str, list[torch.Tensor]]:
+    """The gradients or weights of a model, grouped per module (default) or per parameter.
+
+    Parameters without a gradient are skipped for ``kind="grad"``.
+
+    Raises:
+        ValueError: ``kind`` is not "grad" or "weight", or ``by`` not "module" or "parameter".
+    """
+    if kind not in ("grad", "weight"):
+        raise ValueError(f"module_tensors(kind={kind!r}): expected 'grad' or 'weight'")
+    if by not in ("module", "parameter"):
+        raise ValueError(f"module_tensors(by={by!r}): expected 'module' or 'parameter'")
+    out: dict[str, list[torch.Tensor]] = {}
+    for pname, p in model.named_parameters():
+        t = p.grad if kind == "grad" else p
+        if t is None:
+            continue
+        key = pname if by == "parameter" else (pname.rpartition(".")[0] or pname)
+        out.setdefault(key, []).append(t)
+    return out
+
+
+def layer_stats(tensors: Mapping[str, TensorGroup]) -> pd.DataFrame:
+    """:func:`batched_stats` as a pandas DataFrame indexed by layer name (waits for the host copy).
+
+    Meant for notebooks and analysis; training loops keep :func:`batched_stats` on device.
+    """
+    values = HostCopy(batched_stats(tensors)).wait()
+    frame = pd.DataFrame(values.numpy(), index=list(tensors.keys()), columns=list(STAT_NAMES))
+    for col in ("count", "nonfinite"):
+        frame[col] = frame[col].astype("int64")
+    frame.index.name = "layer"
+    return frame
+
+
+class EMA:
+    """Exponential moving average of a tensor, kept on its device, bias-corrected per entry.
+
+    Non-finite entries of an update are skipped (the average and its weight keep their old
+    value there), so one NaN does not poison the average; :attr:`skipped` counts them on device.
+    """
+
+    def __init__(self, beta: float) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"EMA.beta must be in [0, 1), got {beta!r}")
+        self.beta = float(beta)
+        self._num: torch.Tensor | None = None
+        self._den: torch.Tensor | None = None
+        self.skipped: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """Fold ``x`` into the average and return the corrected average."""
+        x = x.detach()
+        if not x.is_floating_point():
+            x = x.to(torch.float32)
+        if self._num is None:
+            self._num = torch.zeros_like(x)
+            self._den = torch.zeros_like(x)
+            self.skipped = torch.zeros((), dtype=torch.int64, device=x.device)
+        elif x.shape != self._num.shape:
+            raise ValueError(f"EMA.update: x.shape={tuple(x.shape)} != {tuple(self._num.shape)}")
+        ok = torch.isfinite(x)
+        b = self.beta
+        self._num = torch.where(ok, self._num * b + (1 - b) * torch.where(ok, x, 0.0), self._num)
+        self._den = torch.where(ok, self._den * b + (1 - b), self._den)
+        self.skipped += (~ok).sum()
+        return self.value
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The bias-corrected average; NaN where no finite value has arrived yet."""
+        if self._num is None:
+            raise RuntimeError("EMA.value: no update yet")
+        return self._num / self._den
+
+
+class MovingWindow:
+    """The last ``size`` values of a tensor in a ring buffer on its device.
+
+    Non-finite values are stored as NaN and left out of :meth:`mean` and :meth:`std`.
+    """
+
+    def __init__(self, size: int) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"MovingWindow.size must be an int >= 1, got {size!r}")
+        self.size = size
+        self.pushed = 0  # host counter: how many values went in
+        self._buf: torch.Tensor | None = None
+
+    def push(self, x: torch.Tensor) -> None:
+        """Append ``x``, evicting the oldest value once the window is full."""
+        x = x.detach()
+        if self._buf is None:
+            dtype = x.dtype if x.is_floating_point() else torch.float32
+            self._buf = torch.full((self.size, *x.shape), float("nan"), dtype=dtype, device=x.device)
+        elif x.shape != self._buf.shape[1:]:
+            raise ValueError(
+                f"MovingWindow.push: x.shape={tuple(x.shape)} != {tuple(self._buf.shape[1:])}"
+            )
+        self._buf[self.pushed % self.size] = torch.where(torch.isfinite(x), x, float("nan"))
+        self.pushed += 1
+
+    def values(self) -> torch.Tensor:
+        """The stored values, oldest first: shape ``(min(pushed, size), *x.shape)``."""
+        if self._buf is None:
+            raise RuntimeError("MovingWindow: nothing pushed yet")
+        n = min(self.pushed, self.size)
+        start = self.pushed % self.size if self.pushed > self.size else 0
+        return torch.roll(self._buf, -start, dims=0)[:n]
+
+    def mean(self) -> torch.Tensor:
+        """Mean over the window of the finite values, per entry."""
+        return torch.nanmean(self.values(), dim=0)
+
+    def std(self) -> torch.Tensor:
+        """Population standard deviation over the window of the finite values, per entry."""
+        v = self.values()
+        return torch.sqrt(torch.nanmean((v - torch.nanmean(v, dim=0)) ** 2, dim=0))
