@@ -32,7 +32,12 @@ def _as_groups(tensors: Sequence[TensorGroup] | Mapping[str, TensorGroup]) -> li
     items = list(tensors.items()) if isinstance(tensors, Mapping) else list(enumerate(tensors))
     groups: list[list[torch.Tensor]] = []
     for key, item in items:
-        group = [item] if isinstance(item, torch.Tensor) else list(item)
+        try:
+            group = [item] if isinstance(item, torch.Tensor) else list(item)
+        except TypeError:  # not iterable (None, a number): name the key, as below
+            raise TypeError(
+                f"tensors[{key!r}]: expected a torch.Tensor or a list of them, got {type(item).__name__}"
+            ) from None
         for t in group:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"tensors[{key!r}]: expected a torch.Tensor, got {type(t).__name__}")

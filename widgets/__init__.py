@@ -1,0 +1,5 @@
+"""ipywidgets + bokeh panels for adaptive-kit notebooks (the UI side; the core stays headless)."""
+from .common import LivePlot, control_row, panel_layout, setup_notebook
+from .tour import TourPanel
+
+__all__ = ["LivePlot", "TourPanel", "control_row", "panel_layout", "setup_notebook"]

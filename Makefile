@@ -1,0 +1,37 @@
+# Two commands do all set-up: `make lab` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+LAB_PORT ?= 8888
+# --ServerApp.allow_root lets the server start when the user is root (containers, CI)
+LAB_FLAGS = --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --ServerApp.root_dir=notebooks --ServerApp.allow_root=True
+NBVAL = --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+.PHONY: install lab test lint lab-smoke clean
+
+# torch==2.13.0 goes in first: it is the CPU build here, so the kit's `torch>=2.3`
+# is already satisfied and pip pulls no CUDA packages.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lab: install
+	$(VENV)/bin/jupyter lab $(LAB_FLAGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
+	ADAPTIVE_KIT_FAST=1 $(VENV)/bin/pytest tests notebooks $(NBVAL)
+
+# Start JupyterLab exactly as `make lab` does, check that it answers over HTTP, stop it.
+lab-smoke: install
+	$(PY) .ci/lab_smoke.py $(VENV)/bin/jupyter lab $(LAB_FLAGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info
