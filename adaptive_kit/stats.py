@@ -48,6 +48,7 @@ def _as_groups(tensors: Sequence[TensorGroup] | Mapping[str, TensorGroup]) -> li
 
 
 CHUNK = 256  # entries per row of the padded layout; rows never straddle two layers
+CPU_BLOCK_ROWS = 256  # rows per block on CPU (64K entries: fits in cache)
 
 
 @lru_cache(maxsize=64)
@@ -62,6 +63,20 @@ def _layout(lengths: tuple[int, ...], device: torch.device) -> tuple[list[int], 
     )
     counts = torch.tensor(lengths, dtype=torch.int64, device=device)
     return pads, row_layer, counts
+
+
+def _row_partials(x: torch.Tensor) -> torch.Tensor:
+    """Per row of ``x`` (R, C): finite count, mean, squared deviations, squares, zeros, min, max."""
+    inf = float("inf")
+    x0 = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    finite = (x0 == x).to(x.dtype)  # 1.0 where x is finite: NaN and +-Inf became 0
+    n = finite.sum(1)  # exact: a row holds at most CHUNK entries
+    mean = x0.sum(1) / n.clamp(min=1)
+    dev = (x0 - mean[:, None]) * finite  # two passes: stable for large offsets
+    zeros = (x == 0).sum(1, dtype=x.dtype)  # NaN padding is not zero
+    lo = torch.nan_to_num(x, nan=inf, neginf=inf).amin(1)
+    hi = torch.nan_to_num(x, nan=-inf, posinf=-inf).amax(1)
+    return torch.stack([n, mean, (dev * dev).sum(1), (x0 * x0).sum(1), zeros, lo, hi])  # (7, R)
 
 
 def batched_stats(tensors: Sequence[TensorGroup] | Mapping[str, TensorGroup]) -> torch.Tensor:
@@ -107,16 +122,12 @@ def batched_stats(tensors: Sequence[TensorGroup] | Mapping[str, TensorGroup]) ->
             parts.append(nan_pad[:pad])
     x = torch.cat(parts).view(-1, CHUNK) if parts else nan_pad[:0].view(0, CHUNK)  # (R, C)
 
-    finite = torch.isfinite(x)
-    n_row = torch.count_nonzero(finite, dim=1)  # (R,) int64, exact
-    x0 = torch.where(finite, x, 0.0)
-    mean_row = x0.sum(1) / n_row.clamp(min=1)
-    dev_row = torch.where(finite, x - mean_row[:, None], 0.0)
-    m2_row = (dev_row * dev_row).sum(1)  # sum of squared deviations from the row mean
-    sq_row = (x0 * x0).sum(1)
-    zero_row = CHUNK - torch.count_nonzero(x, dim=1)  # NaN padding counts as non-zero
-    lo_row = torch.where(finite, x, float("inf")).amin(1)
-    hi_row = torch.where(finite, x, float("-inf")).amax(1)
+    # On a GPU one pass over all rows costs a fixed number of kernel launches. On a CPU a launch
+    # is free but memory traffic is not: blocks of rows keep the ~15 passes in cache.
+    step = max(x.shape[0], 1) if device.type != "cpu" else CPU_BLOCK_ROWS
+    partials = torch.cat([_row_partials(x[i:i + step]) for i in range(0, max(x.shape[0], 1), step)], dim=1)
+    n_row, mean_row, m2_row, sq_row, zero_row, lo_row, hi_row = partials
+    n_row = n_row.to(torch.int64)  # exact: at most CHUNK per row
 
     def per_layer(v: torch.Tensor) -> torch.Tensor:
         return torch.zeros(n_layers, dtype=v.dtype, device=device).index_add_(0, row_layer, v)
@@ -126,6 +137,7 @@ def batched_stats(tensors: Sequence[TensorGroup] | Mapping[str, TensorGroup]) ->
     mean = per_layer(mean_row * n_row) / nf  # NaN where a layer has no finite entry
     shift = mean_row - mean[row_layer]
     m2 = per_layer(m2_row + n_row * shift * shift)
+    zero_row = zero_row.to(torch.int64)
     lo = torch.full((n_layers,), float("inf"), dtype=acc, device=device)
     hi = torch.full((n_layers,), float("-inf"), dtype=acc, device=device)
     lo = lo.scatter_reduce(0, row_layer, lo_row, "amin")

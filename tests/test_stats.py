@@ -1,0 +1,410 @@
+"""adaptive_kit.stats against numpy float64 oracles."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from adaptive_kit.stats import (
+    CHUNK,
+    EMA,
+    STAT_INDEX,
+    STAT_NAMES,
+    HostCopy,
+    MovingWindow,
+    batched_stats,
+    layer_stats,
+    module_tensors,
+)
+
+SETTINGS = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.bool]
+SPECIALS = [math.nan, math.inf, -math.inf, 0.0, -0.0]
+# Relative tolerance (to the layer's largest finite magnitude) of the accumulation dtype. The
+# oracle sees the values *after* the cast to the input dtype, so input rounding is not an error.
+TOL = {torch.float32: 2e-6, torch.float64: 1e-13}
+
+
+# ------------------------------------------------------------------------------------ oracle
+def oracle(group: list[torch.Tensor]) -> np.ndarray:
+    """The 8 statistics of one layer, in float64 numpy."""
+    flat = [t.detach().to(torch.float64).reshape(-1).numpy() for t in group]
+    vals = np.concatenate(flat) if flat else np.empty(0)
+    fin = vals[np.isfinite(vals)]
+    n, k = vals.size, fin.size
+    out = np.full(len(STAT_NAMES), np.nan)
+    out[STAT_INDEX["count"]] = n
+    out[STAT_INDEX["nonfinite"]] = n - k
+    out[STAT_INDEX["norm"]] = math.sqrt(float(np.sum(fin * fin)))  # 0 when k == 0
+    if k:
+        out[STAT_INDEX["mean"]] = fin.mean()
+        out[STAT_INDEX["std"]] = fin.std()  # ddof=0
+        out[STAT_INDEX["min"]] = fin.min()
+        out[STAT_INDEX["max"]] = fin.max()
+    if n:
+        out[STAT_INDEX["zero_frac"]] = np.count_nonzero(vals == 0) / n
+    return out
+
+
+def as_group(layer: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    return [layer] if isinstance(layer, torch.Tensor) else list(layer)
+
+
+def acc_dtype(layers) -> torch.dtype:
+    any64 = any(t.dtype == torch.float64 for layer in layers for t in as_group(layer))
+    return torch.float64 if any64 else torch.float32
+
+
+def assert_matches_oracle(got: torch.Tensor, layers, acc: torch.dtype) -> None:
+    got = got.numpy()
+    tol = TOL[acc]
+    for i, layer in enumerate(layers):
+        exp = oracle(as_group(layer))
+        row = got[i]
+        where = f"layer {i}: got {dict(zip(STAT_NAMES, row))}, expected {dict(zip(STAT_NAMES, exp))}"
+        # exact: counts, zero fraction (integer ratio) and min/max (the cast to acc is exact)
+        for name in ("count", "nonfinite", "zero_frac", "min", "max"):
+            j = STAT_INDEX[name]
+            np.testing.assert_array_equal(row[j], exp[j], err_msg=f"{name}: {where}")
+        fin_abs = [abs(exp[STAT_INDEX["min"]]), abs(exp[STAT_INDEX["max"]])]
+        scale = max(fin_abs) if not np.isnan(fin_abs).any() else 0.0
+        for name in ("mean", "std"):
+            j = STAT_INDEX[name]
+            np.testing.assert_allclose(
+                row[j], exp[j], rtol=0, atol=tol * scale + 1e-300, equal_nan=True,
+                err_msg=f"{name}: {where}",
+            )
+        j = STAT_INDEX["norm"]
+        np.testing.assert_allclose(row[j], exp[j], rtol=tol, atol=0, err_msg=f"norm: {where}")
+
+
+# -------------------------------------------------------------------------------- strategies
+# Magnitudes in [1e-6, 1e3] or exactly zero: float32 sums of squares neither under- nor overflow.
+finite_floats = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False).map(
+    lambda v: 0.0 if abs(v) < 1e-6 else v
+)
+
+
+@st.composite
+def tensors(draw) -> torch.Tensor:
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=7))
+    n = math.prod(shape)
+    if dtype == torch.bool:
+        arr = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
+    elif dtype == torch.int64:
+        ints = st.integers(-(10**6), 10**6)  # exact in float32
+        arr = np.array(draw(st.lists(ints, min_size=n, max_size=n)), dtype=np.int64)
+    else:
+        elems = st.one_of(st.sampled_from(SPECIALS), finite_floats)
+        arr = np.array(draw(st.lists(elems, min_size=n, max_size=n)), dtype=np.float64)
+    return torch.from_numpy(arr.reshape(shape)).to(dtype)
+
+
+layers_strategy = st.one_of(tensors(), st.lists(tensors(), min_size=0, max_size=3))
+
+
+# ----------------------------------------------------------------------------- batched_stats
+@SETTINGS
+@given(layers=st.lists(layers_strategy, min_size=1, max_size=6), as_mapping=st.booleans())
+def test_batched_stats_matches_numpy_oracle(layers, as_mapping):
+    arg = {f"layer{i}": layer for i, layer in enumerate(layers)} if as_mapping else layers
+    got = batched_stats(arg)
+    assert got.dtype == torch.float64
+    assert got.shape == (len(layers), len(STAT_NAMES))
+    assert got.device.type == "cpu"
+    assert_matches_oracle(got, layers, acc_dtype(layers))
+
+
+def test_special_values_by_hand():
+    nan, inf = math.nan, math.inf
+    got = batched_stats(
+        [
+            torch.tensor([nan, inf, -inf]),  # no finite entry
+            torch.empty(0),  # empty
+            torch.tensor([0.0, -0.0, 3.0, -4.0, nan]),
+            [torch.tensor([True, False]), torch.tensor([2, 0])],  # group of bool + int64
+        ]
+    ).numpy()
+    nn_ = np.nan
+    expected = np.array(
+        [
+            [3, nn_, nn_, nn_, nn_, 0.0, 3, 0.0],
+            [0, nn_, nn_, nn_, nn_, 0.0, 0, nn_],
+            [5, -0.25, math.sqrt(6.1875), -4.0, 3.0, 5.0, 1, 0.4],
+            [4, 0.75, math.sqrt(0.6875), 0.0, 2.0, math.sqrt(5.0), 0, 0.5],
+        ]
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "offset", "noise", "rtol"),
+    [(torch.float32, 1e4, 1e-2, 1e-2), (torch.float64, 1e8, 1.0, 1e-7)],
+)
+def test_std_accurate_under_large_offset(dtype, offset, noise, rtol):
+    gen = torch.Generator().manual_seed(0)
+    x = (offset + noise * torch.randn(10_000, generator=gen, dtype=torch.float64)).to(dtype)
+    exp = x.double().numpy().std()
+    got = batched_stats([x])[0]
+    assert got[STAT_INDEX["std"]].item() == pytest.approx(exp, rel=rtol)
+    # the one-pass formula E[x^2] - E[x]^2 in the same dtype loses the noise entirely
+    naive = (x.pow(2).mean() - x.mean() ** 2).clamp(min=0).sqrt().item()
+    assert abs(naive - exp) > 10 * rtol * exp
+
+
+@pytest.mark.parametrize("n", [CHUNK, CHUNK + 1, 3 * CHUNK + 5, 4 * CHUNK])
+def test_layers_longer_than_a_chunk(n):
+    gen = torch.Generator().manual_seed(n)
+    long = 5.0 + torch.randn(n, generator=gen)
+    long[::7] = 0.0
+    long[CHUNK - 1] = math.nan  # last entry of the first row
+    if n > 2 * CHUNK:
+        long[CHUNK : 2 * CHUNK] = math.nan  # a whole row without a finite entry inside a layer
+    layers = [torch.randn(3, generator=gen), long, torch.randn(CHUNK - 1, generator=gen), long[:1]]
+    got = batched_stats(layers)
+    assert_matches_oracle(got, layers, torch.float32)
+    assert got[1, STAT_INDEX["count"]].item() == n
+
+
+def test_mapping_and_sequence_agree():
+    a, b = torch.randn(4, 3), [torch.randn(5), torch.tensor([1, 0])]
+    by_name = batched_stats({"a": a, "b": b})
+    by_pos = batched_stats([a, b])
+    torch.testing.assert_close(by_name, by_pos, rtol=0, atol=0)
+
+
+def test_output_on_the_input_device():
+    # the meta device stands in for an accelerator: nothing may be moved to the CPU
+    got = batched_stats({"x": torch.empty(300, device="meta"), "y": [torch.empty(2, 2, device="meta")]})
+    assert got.device.type == "meta"
+    assert got.dtype == torch.float64 and got.shape == (2, 8)
+
+
+@pytest.mark.parametrize("empty", [[], {}])
+def test_no_layers_raises(empty):
+    with pytest.raises(ValueError, match="at least one layer"):
+        batched_stats(empty)
+
+
+@pytest.mark.parametrize("bad", [3, None, "x", np.zeros(2)])
+def test_non_tensor_raises_naming_the_key(bad):
+    with pytest.raises(TypeError, match="'conv1'"):
+        batched_stats({"ok": torch.zeros(2), "conv1": bad})
+    with pytest.raises(TypeError, match="'conv1'"):
+        batched_stats({"ok": torch.zeros(2), "conv1": [torch.zeros(2), bad]})
+
+
+def test_non_tensor_in_a_sequence_names_the_index():
+    with pytest.raises(TypeError, match=r"tensors\[1\].*float"):
+        batched_stats([torch.zeros(2), [1.0, 2.0]])
+
+
+def test_complex_raises():
+    with pytest.raises(TypeError, match=r"'z'.*complex"):
+        batched_stats({"z": torch.zeros(3, dtype=torch.complex64)})
+
+
+def test_mixed_devices_raise():
+    with pytest.raises(ValueError, match="several devices"):
+        batched_stats([torch.zeros(2), torch.zeros(2, device="meta")])
+
+
+def test_inputs_are_not_modified_and_grad_is_not_tracked():
+    x = torch.tensor([1.0, math.nan, 3.0], requires_grad=True)
+    before = x.detach().clone()
+    out = batched_stats([x])
+    assert not out.requires_grad
+    torch.testing.assert_close(x.detach(), before, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------- HostCopy
+def test_host_copy_on_cpu_is_an_independent_snapshot():
+    src = torch.arange(6, dtype=torch.float64).reshape(2, 3)
+    copy = HostCopy(src)
+    assert copy.ready()
+    src += 100.0
+    src[0, 0] = -1.0
+    host = copy.wait()
+    torch.testing.assert_close(host, torch.arange(6, dtype=torch.float64).reshape(2, 3))
+    assert host.data_ptr() != src.data_ptr()
+    assert copy.ready()
+
+
+# ---------------------------------------------------------------------------- module_tensors
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))  # a top-level parameter: key is its own name
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.frozen(self.body(x) * self.scale)
+
+
+@pytest.fixture
+def net() -> _Net:
+    torch.manual_seed(0)
+    model = _Net()
+    model(torch.randn(5, 3)).pow(2).sum().backward()
+    return model
+
+
+def test_module_tensors_groups_grads_per_module(net):
+    out = module_tensors(net)
+    assert list(out) == ["scale", "body.0", "body.2"]  # frozen: no grad, skipped
+    assert out["scale"][0] is net.scale.grad
+    assert out["body.0"][0] is net.body[0].weight.grad and out["body.0"][1] is net.body[0].bias.grad
+    assert len(out["body.2"]) == 2
+
+
+def test_module_tensors_per_parameter_and_weights(net):
+    per_param = module_tensors(net, by="parameter")
+    assert list(per_param) == ["scale", "body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias"]
+    assert all(len(v) == 1 for v in per_param.values())
+    weights = module_tensors(net, kind="weight")
+    assert list(weights) == ["scale", "body.0", "body.2", "frozen"]
+    assert weights["frozen"][0] is net.frozen.weight
+
+
+def test_module_tensors_before_backward_is_empty():
+    assert module_tensors(nn.Linear(2, 2)) == {}
+
+
+@pytest.mark.parametrize(("kwargs", "value"), [({"kind": "grads"}, "'grads'"), ({"by": "layer"}, "'layer'")])
+def test_module_tensors_rejects_bad_options(net, kwargs, value):
+    with pytest.raises(ValueError, match=value):
+        module_tensors(net, **kwargs)
+
+
+# ------------------------------------------------------------------------------- layer_stats
+def test_layer_stats_frame(net):
+    tensors = module_tensors(net)
+    frame = layer_stats(tensors)
+    assert isinstance(frame, pd.DataFrame)
+    assert frame.index.name == "layer" and list(frame.index) == list(tensors)
+    assert list(frame.columns) == list(STAT_NAMES)
+    assert frame["count"].dtype == np.int64 and frame["nonfinite"].dtype == np.int64
+    assert frame.loc["body.0", "count"] == 3 * 4 + 4
+    np.testing.assert_allclose(frame.to_numpy(dtype=np.float64), batched_stats(tensors).numpy())
+    grads = torch.cat([net.body[2].weight.grad.reshape(-1), net.body[2].bias.grad])
+    assert frame.loc["body.2", "norm"] == pytest.approx(grads.norm().item(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------- EMA
+def ema_oracle(seq: np.ndarray, beta: float) -> np.ndarray:
+    """Bias-corrected EMA per entry over that entry's finite values: sum (1-b) b^(k-i) x_i / (1-b^k)."""
+    out = np.full(seq.shape[1:], np.nan)
+    for j in np.ndindex(*seq.shape[1:]):
+        xs = seq[(slice(None), *j)]
+        xs = xs[np.isfinite(xs)]
+        k = xs.size
+        if k:
+            w = (1 - beta) * beta ** np.arange(k - 1, -1, -1, dtype=np.float64)
+            out[j] = np.dot(w, xs) / (1 - beta**k)
+    return out
+
+
+ema_values = st.one_of(st.sampled_from([math.nan, math.inf, -math.inf]), finite_floats)
+
+
+@SETTINGS
+@given(
+    beta=st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=0.99)),
+    seq=hnp.arrays(np.float64, st.tuples(st.integers(1, 12), st.just(3)), elements=ema_values),
+)
+def test_ema_matches_bias_corrected_oracle(beta, seq):
+    ema = EMA(beta)
+    for t in range(seq.shape[0]):
+        got = ema.update(torch.from_numpy(seq[t].copy()))
+        np.testing.assert_allclose(
+            got.numpy(), ema_oracle(seq[: t + 1], beta), rtol=1e-9, atol=1e-9, equal_nan=True
+        )
+    assert ema.skipped.item() == int(np.count_nonzero(~np.isfinite(seq)))
+
+
+def test_ema_of_a_constant_is_the_constant_from_step_one():
+    ema = EMA(0.9)
+    for _ in range(3):
+        v = ema.update(torch.full((2,), 7.0))
+        torch.testing.assert_close(v, torch.full((2,), 7.0))
+
+
+def test_ema_skips_nan_and_counts_it():
+    ema = EMA(0.5)
+    ema.update(torch.tensor([1.0, math.nan]))
+    v = ema.update(torch.tensor([math.nan, 4.0]))
+    torch.testing.assert_close(v, torch.tensor([1.0, 4.0]))  # NaN left neither entry poisoned
+    v = ema.update(torch.tensor([3.0, 2.0]))
+    torch.testing.assert_close(v, torch.tensor([(0.25 + 1.5) / 0.75, (1.0 + 1.0) / 0.75]))
+    assert ema.skipped.item() == 2
+    assert ema.skipped.device == v.device
+
+
+def test_ema_int_input_becomes_float():
+    assert EMA(0.5).update(torch.tensor([1, 2])).dtype == torch.float32
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.0, 1.5, math.nan])
+def test_ema_rejects_bad_beta(beta):
+    with pytest.raises(ValueError, match=repr(beta)):
+        EMA(beta)
+
+
+def test_ema_shape_mismatch_and_empty_value():
+    ema = EMA(0.9)
+    with pytest.raises(RuntimeError, match="no update"):
+        _ = ema.value
+    ema.update(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"\(4,\)"):
+        ema.update(torch.zeros(4))
+
+
+# ------------------------------------------------------------------------------ MovingWindow
+@SETTINGS
+@given(
+    size=st.integers(1, 7),
+    seq=hnp.arrays(np.float64, st.tuples(st.integers(1, 20), st.just(3)), elements=ema_values),
+)
+def test_moving_window_matches_numpy(size, seq):
+    win = MovingWindow(size)
+    for x in seq:
+        win.push(torch.from_numpy(x.copy()))
+    last = seq[-size:]
+    last = np.where(np.isfinite(last), last, np.nan)
+    assert win.pushed == len(seq)
+    np.testing.assert_array_equal(win.values().numpy(), last)  # oldest first, Inf stored as NaN
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        exp_mean, exp_std = np.nanmean(last, axis=0), np.nanstd(last, axis=0)
+    np.testing.assert_allclose(win.mean().numpy(), exp_mean, rtol=1e-12, atol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(win.std().numpy(), exp_std, rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True, "3", None])
+def test_moving_window_rejects_bad_size(size):
+    with pytest.raises(ValueError, match=repr(size).replace(".", r"\.")):
+        MovingWindow(size)
+
+
+def test_moving_window_shape_mismatch_and_empty():
+    win = MovingWindow(2)
+    with pytest.raises(RuntimeError, match="nothing pushed"):
+        win.values()
+    win.push(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        win.push(torch.zeros(3))
