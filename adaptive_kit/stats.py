@@ -310,3 +310,43 @@ class MovingWindow:
         """Population standard deviation over the window of the finite values, per entry."""
         v = self.values()
         return torch.sqrt(torch.nanmean((v - torch.nanmean(v, dim=0)) ** 2, dim=0))
+
+
+def combine_stats(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Pool rows of :func:`batched_stats` into ``n_groups`` rows, exactly, on their device.
+
+    Args:
+        values: ``(N, 8)`` statistics, as from :func:`batched_stats`.
+        group: ``(N,)`` int64 group index of every row, in ``[0, n_groups)``.
+        n_groups: number of output rows.
+
+    Returns:
+        ``(n_groups, 8)`` float64: the statistics of the union of each group's entries, as if
+        :func:`batched_stats` had seen them as one layer (Chan et al.'s pooled variance).
+    """
+    if values.dim() != 2 or values.shape[1] != len(STAT_NAMES):
+        raise ValueError(f"combine_stats(values.shape={tuple(values.shape)}): expected (N, {len(STAT_NAMES)})")
+    if group.shape != values.shape[:1]:
+        raise ValueError(f"combine_stats(group.shape={tuple(group.shape)}): expected ({values.shape[0]},)")
+    v = values.to(torch.float64)
+    count, mean, std, lo, hi, norm, nonfinite, zero_frac = v.unbind(1)
+    n = count - nonfinite  # finite entries per row
+
+    def gsum(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n_groups, dtype=x.dtype, device=x.device).index_add_(0, group, x)
+
+    has = n > 0
+    n_g = gsum(n)
+    mean_g = gsum(torch.where(has, n * mean, 0.0)) / n_g
+    m2 = torch.where(has, n * (std * std + (mean - mean_g[group]) ** 2), 0.0)
+    inf = torch.full((n_groups,), float("inf"), dtype=v.dtype, device=v.device)
+    lo_g = inf.scatter_reduce(0, group, torch.where(has, lo, float("inf")), "amin")
+    hi_g = (-inf).scatter_reduce(0, group, torch.where(has, hi, float("-inf")), "amax")
+    none = n_g == 0
+    count_g = gsum(count)
+    return torch.stack([
+        count_g, mean_g, torch.sqrt(gsum(m2) / n_g),
+        lo_g.masked_fill(none, float("nan")), hi_g.masked_fill(none, float("nan")),
+        torch.sqrt(gsum(norm * norm)), gsum(nonfinite),
+        gsum(torch.nan_to_num(zero_frac) * count) / count_g,
+    ], dim=1)
