@@ -223,50 +223,9 @@ class Telemetry:
         return [p.grad for p in params if p.grad is not None]
 
     def _collect(self, step: int) -> None:
-        stats_items, stats_tensors = [], []
-        sample_items, samples = [], []
-        cap, window = self.config.raw_cap, self.config.window
-        for (kind, layer), level in self.plan.items():
-            if level == "off":
-                continue
-            ts = self._tensors(kind, layer)
-            if not ts:
-                continue
-            if level in ("meso", "macro"):
-                stats_items.append((kind, layer, level))
-                stats_tensors.append(ts)
-                continue
-            flat = torch.cat([t.detach().reshape(-1).float() for t in ts])
-            if level == "micro":
-                flat = _block_means(flat, window)
-            n = flat.numel()
-            sample = flat[:: math.ceil(n / cap)] if n > cap else flat
-            sample_items.append((kind, layer, level, sum(t.numel() for t in ts), sample.numel()))
-            samples.append(sample)
-        f64_parts: list[torch.Tensor] = []
-        macro_kinds: list[str] = []
-        if stats_tensors:
-            values = batched_stats(stats_tensors)  # (N, 8), all kinds and layers at once
-            f64_parts.append(values.reshape(-1))
-            macro_kinds = sorted({k for k, _, lv in stats_items if lv == "macro"}, key=KINDS.index)
-            if macro_kinds:
-                rows = [i for i, (_, _, lv) in enumerate(stats_items) if lv == "macro"]
-                group = torch.tensor([macro_kinds.index(stats_items[i][0]) for i in rows],
-                                     device=values.device)
-                f64_parts.append(combine_stats(values[rows], group, len(macro_kinds)).reshape(-1))
-        if self._loss is not None:
-            f64_parts.append(self._loss.to(torch.float64).reshape(1))
-        devices = {t.device for t in f64_parts + samples}
-        if len(devices) > 1:  # e.g. loss on another device than the model: meet on the first
-            dev = next(iter(devices))
-            f64_parts = [t.to(dev) for t in f64_parts]
-            samples = [t.to(dev) for t in samples]
-        self._pending.append(_Pending(
-            step, time.time(), stats_items, macro_kinds, sample_items,
-            HostCopy(torch.cat([t.to(torch.float64) for t in f64_parts])) if f64_parts else None,
-            HostCopy(torch.cat(samples)) if samples else None,
-            self._loss is not None,
-        ))
+        items = [(kind, layer, level, self._tensors(kind, layer))
+                 for (kind, layer), level in self.plan.items() if level != "off"]
+        self._pending.append(aggregate(step, items, self.config, self._loss))
         self.steps_collected += 1
         # materialise what has landed; never wait for the step just queued
         while len(self._pending) > 1 or (self._pending and _ready(self._pending[0])):
@@ -278,34 +237,10 @@ class Telemetry:
             self._emit(self._pending.pop(0))
 
     def _emit(self, p: _Pending) -> None:
-        f64 = p.f64.wait().numpy() if p.f64 is not None else None
-        f32 = p.f32.wait().numpy() if p.f32 is not None else None
-        n_stats = len(p.stats_items)
-        rows: dict[str, list[dict]] = {}
-        for i, (kind, layer, level) in enumerate(p.stats_items):
-            if level == "meso":
-                rows.setdefault("meso", []).append(_stats_row(kind, layer, "meso", f64[i * 8:(i + 1) * 8]))
-        off = n_stats * 8
-        for j, kind in enumerate(p.macro_kinds):
-            rows.setdefault("macro", []).append(_stats_row(kind, "*", "macro", f64[off + j * 8: off + (j + 1) * 8]))
-        off += len(p.macro_kinds) * 8
-        loss = float(f64[off]) if p.has_loss else None
-        start = 0
-        for kind, layer, level, count, n in p.sample_items:
-            row = {"kind": kind, "layer": layer, "level": level, "count": count,
-                   "values": f32[start:start + n]}
-            rows.setdefault(level, []).append(row)
-            start += n
-        batches, sizes = {}, {}
-        for level in LEVELS[1:]:
-            if level not in rows:
-                continue
-            batch = _to_batch(rows[level], p.step, p.time, self.rank)
+        record = materialise(p, self.rank)
+        for level, batch in record.batches.items():
             self.sink.write(batch, stream="telemetry")
-            size = pa.ipc.get_record_batch_size(batch)
-            self.bytes[level] += size
-            batches[level], sizes[level] = batch, size
-        record = StepRecord(p.step, batches, sizes, loss)
+            self.bytes[level] += record.bytes[level]
         if self.on_record is not None:
             record.alarms = list(self.on_record(record) or [])
         if self.keep_records:
@@ -316,6 +251,82 @@ class Telemetry:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def aggregate(step: int, items: list[tuple[str, str, str, list[torch.Tensor]]],
+              config: TelemetryConfig, loss: torch.Tensor | None = None) -> _Pending:
+    """Aggregate (kind, layer, level, tensors) items on their device and start the host copies.
+
+    Meso and macro items share one :func:`batched_stats` call; raw and micro items become one
+    buffer of (sampled) values. At most two asynchronous copies leave the device.
+    """
+    stats_items, stats_tensors, sample_items, samples = [], [], [], []
+    cap, window = config.raw_cap, config.window
+    for kind, layer, level, ts in items:
+        if not ts:
+            continue
+        if level in ("meso", "macro"):
+            stats_items.append((kind, layer, level))
+            stats_tensors.append(ts)
+            continue
+        flat = torch.cat([t.detach().reshape(-1).float() for t in ts])
+        if level == "micro":
+            flat = _block_means(flat, window)
+        n = flat.numel()
+        sample = flat[:: math.ceil(n / cap)] if n > cap else flat
+        sample_items.append((kind, layer, level, sum(t.numel() for t in ts), sample.numel()))
+        samples.append(sample)
+    f64_parts: list[torch.Tensor] = []
+    macro_kinds: list[str] = []
+    if stats_tensors:
+        values = batched_stats(stats_tensors)  # (N, 8): all kinds and layers at once
+        f64_parts.append(values.reshape(-1))
+        macro_kinds = sorted({k for k, _, lv in stats_items if lv == "macro"}, key=KINDS.index)
+        if macro_kinds:
+            rows = [i for i, (_, _, lv) in enumerate(stats_items) if lv == "macro"]
+            group = torch.tensor([macro_kinds.index(stats_items[i][0]) for i in rows], device=values.device)
+            f64_parts.append(combine_stats(values[rows], group, len(macro_kinds)).reshape(-1))
+    if loss is not None:
+        f64_parts.append(loss.detach().to(torch.float64).reshape(1))
+    devices = {t.device for t in f64_parts + samples}
+    if len(devices) > 1:  # e.g. the loss on another device than the model: meet on one
+        dev = next(iter(devices))
+        f64_parts = [t.to(dev) for t in f64_parts]
+        samples = [t.to(dev) for t in samples]
+    return _Pending(
+        step, time.time(), stats_items, macro_kinds, sample_items,
+        HostCopy(torch.cat([t.to(torch.float64) for t in f64_parts])) if f64_parts else None,
+        HostCopy(torch.cat(samples)) if samples else None,
+        loss is not None,
+    )
+
+
+def materialise(p: _Pending, rank: int = 0) -> StepRecord:
+    """Wait for a step's copies and turn them into one record batch per level."""
+    f64 = p.f64.wait().numpy() if p.f64 is not None else None
+    f32 = p.f32.wait().numpy() if p.f32 is not None else None
+    width = len(STAT_NAMES)
+    rows: dict[str, list[dict]] = {}
+    for i, (kind, layer, level) in enumerate(p.stats_items):
+        if level == "meso":
+            rows.setdefault("meso", []).append(_stats_row(kind, layer, "meso", f64[i * width:(i + 1) * width]))
+    off = len(p.stats_items) * width
+    for j, kind in enumerate(p.macro_kinds):
+        rows.setdefault("macro", []).append(
+            _stats_row(kind, "*", "macro", f64[off + j * width:off + (j + 1) * width]))
+    off += len(p.macro_kinds) * width
+    loss = float(f64[off]) if p.has_loss else None
+    start = 0
+    for kind, layer, level, count, n in p.sample_items:
+        rows.setdefault(level, []).append({"kind": kind, "layer": layer, "level": level,
+                                           "count": count, "values": f32[start:start + n]})
+        start += n
+    batches, sizes = {}, {}
+    for level in LEVELS[1:]:
+        if level in rows:
+            batches[level] = _to_batch(rows[level], p.step, p.time, rank)
+            sizes[level] = pa.ipc.get_record_batch_size(batches[level])
+    return StepRecord(p.step, batches, sizes, loss)
 
 
 def _ready(p: _Pending) -> bool:
