@@ -99,7 +99,12 @@ def to_batch(stream: str, columns: Mapping[str, Any]) -> pa.RecordBatch:
         if isinstance(v, torch.Tensor):
             v = v.detach().cpu().numpy()
         if not _is_column(v):
-            v = [v] * n
+            v = [v.item() if getattr(v, "ndim", None) == 0 else v] * n  # 0-d array: its value
+        if pa.types.is_integer(f.type) and isinstance(v, (list, tuple)):
+            # pyarrow truncates Python floats into integer fields without a word
+            lossy = [x for x in v if isinstance(x, float) and not x.is_integer()]
+            if lossy:
+                raise RecordsError(f"{stream}.{f.name}={lossy[:3]!r}: not {f.type} (would truncate)")
         try:
             arrays.append(pa.array(v, type=f.type))
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as e:
@@ -113,6 +118,8 @@ def _is_column(v: Any) -> bool:
         return False
     if isinstance(v, torch.Tensor):
         return v.dim() > 0
+    if getattr(v, "ndim", None) == 0:  # a 0-d numpy array is a scalar, not a column
+        return False
     return hasattr(v, "__len__")
 
 
@@ -262,12 +269,14 @@ def read_ipc(path: str | os.PathLike, allow_partial: bool = False) -> pa.Table:
     problem = None
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(data))
-    except (pa.ArrowInvalid, OSError) as e:
+        _ = reader.schema.names  # a damaged name is not UTF-8 and would fail at first use
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
         raise RecordsError(f"read_ipc(path={str(path)!r}): not an Arrow IPC stream ({e})") from None
     try:
         for batch in reader:
+            batch.validate(full=True)  # damaged offsets or counts would crash later readers
             batches.append(batch)
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowException, OSError) as e:
         problem = f"damaged after {len(batches)} complete batches ({e})"
     if problem is None and not data.endswith(EOS):
         problem = f"cut off after {len(batches)} complete batches (no end-of-stream marker)"
@@ -304,7 +313,11 @@ class ZmqPushSink(Sink):
         self._sock = (context or zmq.Context.instance()).socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
         self._sock.setsockopt(zmq.LINGER, send_timeout_ms)
-        self._sock.connect(address)
+        try:
+            self._sock.connect(address)
+        except zmq.ZMQError as e:
+            self._sock.close()
+            raise RecordsError(f"ZmqPushSink(address={address!r}): cannot connect ({e})") from None
 
     def _frames(self, header: dict[str, Any], payload: bytes = b"") -> int:
         frames = [json.dumps(header).encode(), payload]
@@ -324,8 +337,8 @@ class ZmqPushSink(Sink):
     def close(self) -> None:
         if self.closed:
             return
-        self._frames({"type": "end", "producer": self.producer, "sent": self.seq,
-                      "dropped": self.dropped, "time": time.time()})
+        self.bytes += self._frames({"type": "end", "producer": self.producer, "sent": self.seq,
+                                    "dropped": self.dropped, "time": time.time()})
         self._sock.close()
         super().close()
 
@@ -397,12 +410,20 @@ class ZmqPullSource:
         tally = self.tally.setdefault(producer, _Tally())
         tally.bytes += sum(len(f) for f in frames)
         if header.get("type") == "end":
-            tally.sent, tally.ended = int(header.get("sent", 0)), True
+            try:
+                sent = int(header.get("sent", 0))
+            except (TypeError, ValueError):
+                self.corrupt += 1
+                return None
+            tally.sent, tally.ended = sent, True
             return None
         try:
             batch = pa.ipc.open_stream(pa.py_buffer(frames[1])).read_next_batch()
+            batch.validate(full=True)  # damaged offsets or counts would crash consumers later
+            _ = batch.schema.names  # so would field names that are not UTF-8 (a ValueError)
             seq = int(header["seq"])
-        except (pa.ArrowInvalid, OSError, KeyError, IndexError, ValueError, StopIteration):
+            sent_time = float(header.get("time", 0.0))
+        except (pa.ArrowException, OSError, KeyError, IndexError, TypeError, ValueError, StopIteration):
             self.corrupt += 1
             return None
         tally.received += 1
@@ -411,7 +432,7 @@ class ZmqPullSource:
         elif seq < tally.next_seq:
             tally.out_of_order += 1
         tally.next_seq = max(tally.next_seq, seq + 1)
-        return Received(producer, str(header.get("stream", "")), seq, batch, float(header.get("time", 0.0)))
+        return Received(producer, str(header.get("stream", "")), seq, batch, sent_time)
 
     def drain(self, producers: int, timeout_s: float = 30.0) -> list[Received]:
         """Receive until ``producers`` producers have sent their end message or time runs out."""

@@ -18,8 +18,9 @@ def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU) -> nn.Seque
     Raises:
         ValueError: fewer than two sizes, or a size < 1.
     """
-    if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
-        raise ValueError(f"mlp(sizes={list(sizes)!r}): need at least two sizes, each >= 1")
+    if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1
+                             for s in sizes):
+        raise ValueError(f"mlp(sizes={list(sizes)!r}): need at least two sizes, each an int >= 1")
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))

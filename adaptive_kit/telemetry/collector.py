@@ -47,6 +47,8 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish,
 )
 
+RELU_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU)  # dead-unit candidates
+
 TELEMETRY_SCHEMA = pa.schema(
     [("step", pa.int64()), ("time", pa.float64()), ("rank", pa.int32()), ("kind", pa.string()),
      ("layer", pa.string()), ("level", pa.string()), ("count", pa.int64())]
@@ -134,6 +136,7 @@ class Telemetry:
             raise ValueError(f"Telemetry(act_layers={unknown!r}): no such modules in the model")
         self.layers: dict[str, list[str]] = {"grad": self.param_layers, "weight": self.param_layers,
                                              "act": act_layers}
+        self.relu_layers = [n for n in act_layers if isinstance(self._modules[n], RELU_TYPES)]
         self.plan: dict[tuple[str, str], str] = {(k, n): "off" for k in KINDS for n in self.layers[k]}
         self.set_levels(levels)
         self._acts: dict[str, torch.Tensor] = {}

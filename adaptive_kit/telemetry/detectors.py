@@ -255,25 +255,29 @@ class DetectorSuite:
         self.alarms: list[Alarm] = []
         self.latency_s: list[float] = []
         self.errors = 0
+        self.last_observations: list[Observation] = []
 
     @classmethod
-    def for_telemetry(cls, tel, loss_config: SeriesConfig = SeriesConfig()) -> DetectorSuite:
-        """The standard detectors wired to a :class:`~adaptive_kit.telemetry.Telemetry`'s layers."""
-        from .collector import ACTIVATION_TYPES
-
-        relus = [n for n in tel.layers["act"] if isinstance(tel._modules[n], ACTIVATION_TYPES)
-                 and "relu" in type(tel._modules[n]).__name__.lower()]
+    def standard(cls, param_layers: list[str], relu_layers: Iterable[str],
+                 loss_config: SeriesConfig = SeriesConfig()) -> DetectorSuite:
+        """The standard detectors for a model with these parameter and ReLU layers."""
         return cls([
             NonFiniteDetector(),
-            GradientRatioDetector(tel.param_layers[0], tel.param_layers[-1]),
-            DeadReLUDetector(relus),
+            GradientRatioDetector(param_layers[0], param_layers[-1]),
+            DeadReLUDetector(relu_layers),
             ActivationScaleDetector(),
             LossDetector(loss_config),
         ])
 
+    @classmethod
+    def for_telemetry(cls, tel, loss_config: SeriesConfig = SeriesConfig()) -> DetectorSuite:
+        """The standard detectors wired to a :class:`~adaptive_kit.telemetry.Telemetry`'s layers."""
+        return cls.standard(tel.param_layers, tel.relu_layers, loss_config)
+
     def __call__(self, record: StepRecord) -> list[Alarm]:
         start = time.perf_counter()
         obs = observations(record)
+        self.last_observations = obs
         found: list[Alarm] = []
         for d in self.detectors:
             try:
