@@ -28,7 +28,7 @@ from ..datasets import digits
 from ..devices import seed_everything
 from ..resources import ResourceSampler
 from .collector import KINDS, Telemetry, TelemetryConfig, aggregate, materialise
-from .control import StateTracker, grad_variance, level_of
+from .control import Controller, StateTracker, grad_variance, level_of
 from .detectors import DetectorSuite
 from .faults import FAULT_KINDS, Fault, FaultInjector
 from .policies import Policy, RewardWeights
@@ -100,18 +100,46 @@ class Trace:
         return self._raw_bytes[key]
 
 
-def record(spec: EpisodeSpec) -> Trace:
-    """Train ``spec``'s model with its fault and keep every tensor the telemetry could see."""
+@dataclass
+class Run:
+    """A finished live run: its collector, detectors, controller (if a policy drove it) and scores."""
+
+    spec: EpisodeSpec
+    tel: Telemetry
+    suite: DetectorSuite
+    controller: Controller | None
+    losses: np.ndarray  # (steps,) training loss per step
+    test_accuracy: float
+
+
+def run(spec: EpisodeSpec, levels: str | dict = "meso", *, policy: Policy | None = None,
+        config: TelemetryConfig = TelemetryConfig(), on_record=None, progress: bool = False) -> Run:
+    """Train ``spec``'s model live with telemetry, detectors and, if given, a policy setting levels.
+
+    ``on_record(record, alarms)`` is called for every step's :class:`StepRecord` once it is on
+    the host (a panel streams its plots from here). Levels start at ``levels``; a ``policy``
+    then sets them every step through a :class:`Controller`.
+    """
     seed_everything(spec.seed)
     data = digits(seed=0)
     model = build_model(spec.model)
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)
     injector = FaultInjector(spec.fault, model, opt, n_classes=10)
-    tel = Telemetry(model, "raw", config=TelemetryConfig(raw_cap=2**31 - 1))
-    sampler = ResourceSampler()
+    tel = Telemetry(model, levels, config=config)
+    controller = Controller(tel, policy, steps_total=spec.steps) if policy is not None else None
+    suite = controller.suite if controller is not None else DetectorSuite.for_telemetry(tel)
+    inner = controller if controller is not None else suite
+
+    def handle(record):
+        alarms = inner(record)
+        if on_record is not None:
+            on_record(record, alarms)
+        return alarms
+
+    tel.on_record = handle
     g = torch.Generator().manual_seed(spec.seed)
-    values, losses, util = [], np.zeros(spec.steps), np.zeros(spec.steps)
-    for step in range(spec.steps):
+    losses = torch.zeros(spec.steps)
+    for step in tqdm(range(spec.steps), desc=spec.label, disable=not progress, leave=False):
         injector.before_step(step)
         idx = torch.randint(0, len(data.x_train), (spec.batch_size,), generator=g)
         x, y = injector.batch(step, data.x_train[idx], data.y_train[idx])
@@ -122,20 +150,31 @@ def record(spec: EpisodeSpec) -> Trace:
             loss.backward()
             injector.after_backward(step)
         opt.step()
-        tel.flush()
-        rec = tel.records.pop()
-        raw = rec.batches["raw"]
-        flat = torch.from_numpy(raw.column("values").values.to_numpy(zero_copy_only=False).copy())
-        offsets = raw.column("values").offsets.to_numpy()
-        values.append({(k, n): flat[offsets[i]:offsets[i + 1]] for i, (k, n) in
-                       enumerate(zip(raw.column("kind").to_pylist(), raw.column("layer").to_pylist()))})
-        losses[step] = rec.loss
-        util[step] = sampler.sample()["util_percent"][0]
+        losses[step] = loss.detach()
     tel.close()
     with torch.no_grad():
         acc = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
-    relus = [n for n in tel.layers["act"] if isinstance(tel._modules[n], nn.ReLU)]
-    return Trace(spec, list(tel.param_layers), list(tel.layers["act"]), relus, values, losses, util, acc)
+    return Run(spec, tel, suite, controller, losses.numpy(), acc)
+
+
+def record(spec: EpisodeSpec) -> Trace:
+    """Train ``spec``'s model with its fault and keep every tensor the telemetry could see."""
+    sampler = ResourceSampler()
+    values: list[dict[tuple[str, str], torch.Tensor]] = []
+    util: list[float] = []
+
+    def keep(record, _alarms) -> None:
+        raw = record.batches["raw"]
+        flat = torch.from_numpy(raw.column("values").values.to_numpy(zero_copy_only=False).copy())
+        offsets = raw.column("values").offsets.to_numpy()
+        names = zip(raw.column("kind").to_pylist(), raw.column("layer").to_pylist())
+        values.append({key: flat[offsets[i]:offsets[i + 1]] for i, key in enumerate(names)})
+        util.append(sampler.sample()["util_percent"][0])
+
+    r = run(spec, "raw", config=TelemetryConfig(raw_cap=2**31 - 1), on_record=keep)
+    r.tel.records.clear()
+    return Trace(spec, list(r.tel.param_layers), list(r.tel.layers["act"]), list(r.tel.relu_layers),
+                 values, r.losses, np.array(util), r.test_accuracy)
 
 
 @dataclass
@@ -280,6 +319,6 @@ def results_frame(results: list[EpisodeResult]) -> pd.DataFrame:
     } for r in results])
 
 
-__all__ = ["MODELS", "EpisodeResult", "EpisodeSpec", "Trace", "build_model", "evaluate", "fault_suite",
+__all__ = ["MODELS", "EpisodeResult", "EpisodeSpec", "Run", "Trace", "run", "build_model", "evaluate", "fault_suite",
            "record", "record_all", "replay", "results_frame", "summarize", "train"]
 
