@@ -116,8 +116,9 @@ def run(spec: EpisodeSpec, levels: str | dict = "meso", *, policy: Policy | None
         config: TelemetryConfig = TelemetryConfig(), on_record=None, progress: bool = False) -> Run:
     """Train ``spec``'s model live with telemetry, detectors and, if given, a policy setting levels.
 
-    ``on_record(record, alarms)`` is called for every step's :class:`StepRecord` once it is on
-    the host (a panel streams its plots from here). Levels start at ``levels``; a ``policy``
+    ``on_record(record, alarms, observations)`` is called for every step's :class:`StepRecord`
+    once it is on the host, with the detectors' alarms and :class:`Observation` s (a panel
+    streams its plots from here). Levels start at ``levels``; a ``policy``
     then sets them every step through a :class:`Controller`.
     """
     seed_everything(spec.seed)
@@ -133,7 +134,7 @@ def run(spec: EpisodeSpec, levels: str | dict = "meso", *, policy: Policy | None
     def handle(record):
         alarms = inner(record)
         if on_record is not None:
-            on_record(record, alarms)
+            on_record(record, alarms, suite.last_observations)
         return alarms
 
     tel.on_record = handle
@@ -163,7 +164,7 @@ def record(spec: EpisodeSpec) -> Trace:
     values: list[dict[tuple[str, str], torch.Tensor]] = []
     util: list[float] = []
 
-    def keep(record, _alarms) -> None:
+    def keep(record, _alarms, _obs) -> None:
         raw = record.batches["raw"]
         flat = torch.from_numpy(raw.column("values").values.to_numpy(zero_copy_only=False).copy())
         offsets = raw.column("values").offsets.to_numpy()

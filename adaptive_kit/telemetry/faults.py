@@ -33,8 +33,15 @@ kind               what it does (default magnitude)                  detector it
 The gradient thresholds are AUTOTRAINER's: gradients explode when the first layer's gradient
 norm exceeds 70x the last layer's, and vanish when it is below 1e-3x.
 
-Notes on the layer faults:
+Notes on the layer faults (``inf_grad``, ``exploding_init``, ``vanishing``, ``dead_relu``):
 
+- ``layer=None`` means the first ``nn.Linear`` or ``nn.Conv*d`` in ``model.named_modules()``;
+  "after" means registered after, which for ``nn.Sequential`` is execution order.
+- ``exploding_init`` multiplies everything downstream of the layer by the factor: the
+  activations after it and the gradients of the layers after it (whose inputs they are) grow
+  by about the factor, and the loss spikes. The first/last ratio only rises when the
+  gradient growth is upstream: blowing up the *last* layer by a few hundred multiplies the
+  gradients of every earlier layer but not its own, and trips the > 70 rule.
 - ``vanishing`` scales the chosen layer *and the weighted layers after it* because a layer's
   gradient ``delta x^T`` only shrinks when the weights the backward signal passes through
   (those after the layer) shrink; with the default (first) layer the whole network gets a
@@ -44,9 +51,12 @@ Notes on the layer faults:
   choice of model (``mlp(sizes, activation=nn.Sigmoid)``), not an injection.
 - ``dead_relu`` shifts the bias by a constant; -10 is far beyond the typical |pre-activation|
   of a standard-initialised layer on inputs of unit scale. For larger inputs pass a larger
-  negative shift.
-- Layers are found by their names in ``model.named_modules()``; "after" means registered
-  after, which for ``nn.Sequential`` is execution order.
+  negative shift. A layer whose units are all dead passes no gradient to the layers before
+  it (or to itself), so it also trips the vanishing-gradient rule.
+
+The lr faults multiply ``param_groups[i]["lr"]`` once; an lr scheduler that recomputes the lr
+from its base values each step (``LambdaLR``, ``OneCycleLR``) would undo them, while
+multiplicative ones (``StepLR``, ``ExponentialLR``) keep them.
 
 Usage, with the clean twin being the same loop with ``FaultInjector(None, model, opt)``::
 
@@ -90,6 +100,7 @@ DEFAULT_MAGNITUDES: dict[str, float] = {
 BATCH_KINDS = frozenset({"nan_batch", "label_noise", "input_scale", "input_noise"})
 LR_KINDS = frozenset({"lr_spike", "plateau"})
 LAYER_KINDS = frozenset({"inf_grad", "exploding_init", "vanishing", "dead_relu"})
+MODEL_KINDS = LR_KINDS | {"exploding_init", "vanishing", "dead_relu"}  # applied by before_step
 _FRACTION_KINDS = frozenset({"nan_batch", "inf_grad", "label_noise"})
 
 # Valid magnitudes per kind, with the phrase used in the error message.
@@ -153,6 +164,11 @@ def _weighted(module: nn.Module) -> bool:
 
 def _has_bias(module: nn.Module) -> bool:
     return _weighted(module) and isinstance(getattr(module, "bias", None), nn.Parameter)
+
+
+def _is_scalable(module: nn.Module) -> bool:
+    """A layer whose weight is a matrix or kernel (not a norm layer's per-channel scale)."""
+    return _weighted(module) and module.weight.dim() >= 2
 
 
 def _is_linear_or_conv(module: nn.Module) -> bool:
@@ -256,9 +272,7 @@ class FaultInjector:
     def before_step(self, step: int) -> None:
         """Apply a model or optimiser fault, once, at the first call with ``step >= fault.step``."""
         f = self.fault
-        if f is None or self._fired or not self.active(step):
-            return
-        if f.kind not in LR_KINDS and f.kind not in ("exploding_init", "vanishing", "dead_relu"):
+        if f is None or f.kind not in MODEL_KINDS or self._fired or not self.active(step):
             return
         self._fired = True
         m = f.strength
@@ -303,20 +317,20 @@ class FaultInjector:
         return self.model.get_submodule(name)
 
     def _resolve_layer(self, fault: Fault) -> str:
-        needs_bias = fault.kind == "dead_relu"
-        usable = _has_bias if needs_bias else (_is_scalable if fault.kind == "vanishing" else _weighted)
-        valid = [n for n, mod in self.model.named_modules() if n and usable(mod)]
-        what = {"dead_relu": "weight and bias parameters",
-                "vanishing": "weight parameter of 2 or more dimensions"}.get(fault.kind, "weight parameter")
+        usable, what = {
+            "dead_relu": (_has_bias, "weight and bias parameters"),
+            "vanishing": (_is_scalable, "a weight parameter of 2 or more dimensions"),
+        }.get(fault.kind, (_weighted, "a weight parameter"))
+        valid = [n for n, mod in self.model.named_modules() if usable(mod)]
         if fault.layer is None:
             for name, mod in self.model.named_modules():
                 if _is_linear_or_conv(mod) and usable(mod):
                     return name
-            raise ValueError(f"Fault.layer=None: the model has no Linear/Conv layer with a {what} "
+            raise ValueError(f"Fault.layer=None: the model has no Linear/Conv layer with {what} "
                              f"for fault kind {fault.kind!r}; valid layer names: {valid}")
         if fault.layer not in valid:
             exists = fault.layer in dict(self.model.named_modules())
-            why = f"has no {what}" if exists else "is not a module of the model"
+            why = f"lacks {what}" if exists else "is not a module of the model"
             raise ValueError(f"Fault.layer={fault.layer!r} {why} (fault kind {fault.kind!r}); "
                              f"valid layer names: {valid}")
         return fault.layer
@@ -329,7 +343,3 @@ class FaultInjector:
         key = hashlib.blake2b(f"{self.fault.seed},{step}".encode(), digest_size=4).digest()
         return g.manual_seed(int.from_bytes(key, "little"))
 
-
-def _is_scalable(module: nn.Module) -> bool:
-    """A layer whose weight is a matrix or kernel (not a norm layer's per-channel scale)."""
-    return _weighted(module) and module.weight.dim() >= 2
