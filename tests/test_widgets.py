@@ -72,3 +72,36 @@ def test_tour_panel_trains_and_streams_its_loss():
     panel.train.click()
     assert panel.runs == 2
     assert panel.plot.source.data["loss"] == pytest.approx(result.losses.tolist(), rel=1e-6)
+
+
+def test_telemetry_panel_runs_a_fault_and_redraws_on_a_new_statistic():
+    from widgets.telemetry import TelemetryPanel
+
+    panel = TelemetryPanel("mlp", steps=40)
+    panel.fault.value = "dead_relu"
+    panel.fault_step.value = 20
+    panel.run_button.click()
+    run = panel.result
+    assert run.spec.fault.kind == "dead_relu" and run.spec.fault.step == 20
+    assert panel.plots["act"].source.data["step"] == list(range(40))
+    assert any(a.detector == "dead_relu" and a.layer == "1" for a in run.suite.alarms)
+    assert "dead_relu" in panel.alarm_box.value
+    assert len(panel.bytes_plot.source.data["bytes"]) == 40
+    # a different statistic redraws the same run: the dead ReLU's zero fraction is 1 after the fault
+    panel.stat.value = "zero_frac"
+    zeros = panel.plots["act"].source.data["1"]
+    assert zeros[-1] == 1.0 and zeros[0] < 0.9
+
+
+def test_telemetry_panel_macro_level_shows_only_the_pooled_line():
+    import math
+
+    from widgets.telemetry import TelemetryPanel
+
+    panel = TelemetryPanel("mlp", steps=20)
+    for dd in panel.levels.values():
+        dd.value = "macro"
+    panel.run_button.click()
+    data = panel.plots["grad"].source.data
+    assert all(math.isfinite(v) for v in data["*"])
+    assert all(math.isnan(v) for v in data["0"])  # macro cannot show a layer
