@@ -1,10 +1,10 @@
 """Several ranks stream telemetry to one analysis process over ZeroMQ, as under torchrun."""
 import pyarrow as pa
 import pytest
+from dist_workers import telemetry_worker
 
 from adaptive_kit.distributed import launch
 from adaptive_kit.records import ZmqPullSource
-from dist_workers import telemetry_worker
 
 
 @pytest.mark.timeout(120)
