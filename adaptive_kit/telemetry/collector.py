@@ -107,6 +107,8 @@ class Telemetry:
             parameters of its own, and every activation module such as ``nn.ReLU``).
         on_record: called with each :class:`StepRecord` once its data is on the host
             (detectors and policies hook in here).
+        keep_records: how many recent :class:`StepRecord` s to keep in :attr:`records`
+            (0: none). The sink keeps everything it is given: for long runs pass a file sink.
 
     Raises:
         ValueError: the model has no parameters, or a level / kind / layer name is unknown.
@@ -115,7 +117,7 @@ class Telemetry:
     def __init__(self, model: nn.Module, levels: str | Mapping = "meso", *,
                  config: TelemetryConfig = TelemetryConfig(), sink: Sink | None = None,
                  rank: int = 0, act_layers: Iterable[str] | None = None,
-                 on_record=None) -> None:
+                 on_record=None, keep_records: int = 1000) -> None:
         self.model = model
         self.config = config
         self.sink = sink if sink is not None else MemorySink()
@@ -146,7 +148,7 @@ class Telemetry:
         self._loss: torch.Tensor | None = None
         self.bytes: dict[str, int] = {lv: 0 for lv in LEVELS[1:]}
         self.records: list[StepRecord] = []
-        self.keep_records = True
+        self.keep_records = keep_records  # most recent StepRecords kept in .records
         self.steps_collected = 0
 
     # ---------------------------------------------------------------------------- levels
@@ -186,7 +188,8 @@ class Telemetry:
     def _make_hook(self, name: str):
         def hook(_module: nn.Module, _inputs, output) -> None:
             if self._capture and self.plan[("act", name)] != "off" and isinstance(output, torch.Tensor):
-                self._acts[name] = output.detach()
+                # a copy: a later in-place op (nn.ReLU(inplace=True)) would rewrite the output
+                self._acts[name] = output.detach().clone()
         return hook
 
     def close(self) -> None:
@@ -248,6 +251,8 @@ class Telemetry:
             record.alarms = list(self.on_record(record) or [])
         if self.keep_records:
             self.records.append(record)
+            if len(self.records) > self.keep_records:
+                del self.records[0]
 
     def __enter__(self) -> Telemetry:
         return self
