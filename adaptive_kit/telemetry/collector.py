@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import pyarrow as pa
 import torch
@@ -292,8 +293,9 @@ def aggregate(step: int, items: list[tuple[str, str, str, list[torch.Tensor]]],
         macro_kinds = sorted({k for k, _, lv in stats_items if lv == "macro"}, key=KINDS.index)
         if macro_kinds:
             rows = [i for i, (_, _, lv) in enumerate(stats_items) if lv == "macro"]
-            group = torch.tensor([macro_kinds.index(stats_items[i][0]) for i in rows], device=values.device)
-            f64_parts.append(combine_stats(values[rows], group, len(macro_kinds)).reshape(-1))
+            key = tuple(macro_kinds.index(stats_items[i][0]) for i in rows)
+            rows_t, group = _macro_index(tuple(rows), key, values.device)
+            f64_parts.append(combine_stats(values[rows_t], group, len(macro_kinds)).reshape(-1))
     if loss is not None:
         f64_parts.append(loss.detach().to(torch.float64).reshape(1))
     devices = {t.device for t in f64_parts + samples}
@@ -307,6 +309,13 @@ def aggregate(step: int, items: list[tuple[str, str, str, list[torch.Tensor]]],
         HostCopy(torch.cat(samples)) if samples else None,
         loss is not None,
     )
+
+
+@lru_cache(maxsize=64)
+def _macro_index(rows: tuple[int, ...], group: tuple[int, ...], device: torch.device):
+    """Row and group index tensors on the device, made once per layout (no copy per step)."""
+    return (torch.tensor(rows, dtype=torch.int64, device=device),
+            torch.tensor(group, dtype=torch.int64, device=device))
 
 
 def materialise(p: _Pending, rank: int = 0) -> StepRecord:
