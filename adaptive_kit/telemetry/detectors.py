@@ -141,7 +141,8 @@ class GradientRatioDetector(Detector):
         grads = {o.layer: o for o in obs if o.kind == "grad"}
         alarms = []
         first, last = grads.get(self.first), grads.get(self.last)
-        if first and last and first.level != "macro" and last.level != "macro":
+        if (first and last and first.level != "macro" and last.level != "macro"
+                and (first.norm > 0 or last.norm > 0)):  # 0/0 (e.g. all entries NaN) says nothing
             ratio = first.norm / last.norm if last.norm > 0 else math.inf
             for det, cond in (("exploding_grad", ratio > self.explode_ratio),
                               ("vanishing_grad", ratio < self.vanish_ratio)):
@@ -211,7 +212,7 @@ class ActivationScaleDetector(Detector):
             if o.kind != "act" or not math.isfinite(rms):
                 continue
             n, ema = self._n.get(o.layer, 0), self._ema.get(o.layer, rms)
-            r = rms / ema if ema > 0 else math.inf
+            r = rms / ema if ema > 0 else 1.0  # a baseline of exactly 0 has no scale to leave
             bad = n >= self.warmup and (r > self.factor or r < 1 / self.factor)
             if self._edge(o.layer, bad):
                 alarms.append(Alarm(step, self.name, "act", o.layer, o.level,

@@ -94,7 +94,7 @@ def _check_level(level: str, field_name: str) -> str:
 
 
 class StaticPolicy(Policy):
-    """The same level(s) every step: one level, or a mapping kind -> level."""
+    """The same level(s) every step: one level, or a mapping kind -> level (kinds left out are off)."""
 
     def __init__(self, levels: str | dict[str, str] = "meso") -> None:
         if isinstance(levels, str):
@@ -103,7 +103,7 @@ class StaticPolicy(Policy):
             if k not in KINDS:
                 raise ValueError(f"StaticPolicy: kind={k!r}: expected one of {KINDS}")
             _check_level(lv, f"StaticPolicy.levels[{k!r}]")
-        self.levels = dict(levels)
+        self.levels = {k: levels.get(k, "off") for k in KINDS}  # a plan names every kind
         self.name = "static:" + ",".join(f"{k}={v}" for k, v in self.levels.items()) \
             if len(set(self.levels.values())) > 1 else f"static:{next(iter(self.levels.values()))}"
 
@@ -129,11 +129,10 @@ class RulePolicy(Policy):
 
     def act(self, state: State) -> Plan:
         for a in state.alarms:
-            if a.kind in KINDS:
-                self._until[(a.kind, a.layer)] = state.step + self.quiet
-            else:  # a loss alarm says nothing about where: look everywhere
-                for k in KINDS:
-                    self._until[(k, "*")] = state.step + self.quiet
+            # quiet counts from the alarm's own step: State.alarms repeats it for `memory` steps
+            keys = [(a.kind, a.layer)] if a.kind in KINDS else [(k, "*") for k in KINDS]
+            for key in keys:  # a loss alarm says nothing about where: look everywhere
+                self._until[key] = max(self._until.get(key, a.step), a.step + self.quiet)
         self._until = {key: t for key, t in self._until.items() if t >= state.step}
         kinds = dict(self.base)
         layers = {}
