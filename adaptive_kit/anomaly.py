@@ -29,19 +29,23 @@ class SeriesConfig:
     beta: float = 0.9  # EMA factor of the baseline mean and variance
     spike_sigmas: float = 6.0  # spike: value > EMA + spike_sigmas * EMA std ...
     spike_ratio: float = 2.0  # ... and value > spike_ratio * EMA (both, so noise alone does not fire)
+    spike_patience: int = 2  # ... on this many consecutive steps (one odd batch is not a fault)
     diverge_ratio: float = 3.0  # divergence: EMA > diverge_ratio * best EMA so far ...
     diverge_patience: int = 5  # ... for this many consecutive steps
-    plateau_window: int = 50  # plateau: the best value of the last plateau_window steps ...
-    plateau_tol: float = 1e-3  # ... improved on the best before them by less than this fraction
+    plateau_window: int = 20  # plateau: the EMA's relative progress over the last window ...
+    plateau_stall: float = 0.1  # ... is below plateau_stall x its progress over the window before ...
+    plateau_min_progress: float = 0.05  # ... and that earlier progress was at least this fraction,
+    plateau_floor: float = 0.1  # ... while the EMA is still above this fraction of its first value
 
     def __post_init__(self) -> None:
-        for name in ("warmup", "diverge_patience", "plateau_window"):
+        for name in ("warmup", "spike_patience", "diverge_patience", "plateau_window"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"SeriesConfig.{name} must be an int >= 1, got {v!r}")
         if not 0 < self.beta < 1:
             raise ValueError(f"SeriesConfig.beta must be in (0, 1), got {self.beta!r}")
-        for name in ("spike_sigmas", "spike_ratio", "diverge_ratio", "plateau_tol"):
+        for name in ("spike_sigmas", "spike_ratio", "diverge_ratio", "plateau_stall", "plateau_min_progress",
+                     "plateau_floor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SeriesConfig.{name} must be > 0, got {getattr(self, name)!r}")
 
@@ -53,11 +57,15 @@ class SeriesMonitor:
 
     - ``nonfinite``: the value is NaN or infinite.
     - ``spike``: value > EMA + ``spike_sigmas`` x EMA-std and value > ``spike_ratio`` x EMA
-      (a z-score rule guarded by a ratio, as loss-spike monitors in large-scale training do).
+      on ``spike_patience`` consecutive steps (a z-score rule guarded by a ratio, as loss-spike
+      monitors in large-scale training do; one odd mini-batch does not fire it).
     - ``divergence``: the EMA stays above ``diverge_ratio`` x its best (lowest) value for
       ``diverge_patience`` consecutive steps (the loss trends up, not one bad batch).
-    - ``plateau``: over the last ``plateau_window`` steps the best value improved on the best
-      before them by less than ``plateau_tol`` (relative); fires once, re-arms on progress.
+    - ``plateau``: a stall: the EMA's relative progress over the last ``plateau_window`` steps
+      is below ``plateau_stall`` x its progress over the window before, which was at least
+      ``plateau_min_progress``, while the EMA is above ``plateau_floor`` x its first value (a
+      run that has converged is not stuck). Convergence slows gradually and does not fire it;
+      a learning rate that collapses does. Fires once, re-arms on progress.
 
     Spikes are left out of the baseline so that one outlier does not mask the next.
     """
@@ -70,9 +78,10 @@ class SeriesMonitor:
         self.ema_var = 0.0
         self.best_ema = math.inf
         self._above = 0
-        self._recent: deque[float] = deque(maxlen=config.plateau_window)
-        self._best_before = math.inf
+        self._emas: deque[float] = deque(maxlen=2 * config.plateau_window + 1)
+        self._first_ema: float | None = None
         self._plateau_fired = False
+        self._over = 0  # consecutive steps over the spike threshold
 
     def update(self, step: int, value: float) -> list[Alarm]:
         """Fold in one value; return the alarms it raises (possibly none)."""
@@ -82,12 +91,13 @@ class SeriesMonitor:
         alarms: list[Alarm] = []
         warm = self.n >= c.warmup
         std = math.sqrt(self.ema_var)
-        spike = warm and value > self.ema + c.spike_sigmas * std and value > c.spike_ratio * self.ema
-        if spike:
+        over = warm and value > self.ema + c.spike_sigmas * std and value > c.spike_ratio * self.ema
+        self._over = self._over + 1 if over else 0
+        if self._over == c.spike_patience:
             alarms.append(Alarm(step, "spike", self.name, "", "scalar",
                                 f"{self.name} {value:.4g} > EMA {self.ema:.4g} + {c.spike_sigmas:g}x std "
-                                f"{std:.3g} and > {c.spike_ratio:g}x EMA", value))
-        else:
+                                f"{std:.3g} and > {c.spike_ratio:g}x EMA for {c.spike_patience} steps", value))
+        if not over:
             self._fold(value)
         if warm:
             self.best_ema = min(self.best_ema, self.ema)
@@ -110,20 +120,22 @@ class SeriesMonitor:
         self.n += 1
 
     def _plateau(self, step: int, value: float) -> list[Alarm]:
-        c = self.config
-        if len(self._recent) == c.plateau_window:
-            self._best_before = min(self._best_before, self._recent[0])
-        self._recent.append(value)
-        if len(self._recent) < c.plateau_window or not math.isfinite(self._best_before):
+        c, w = self.config, self.config.plateau_window
+        self._emas.append(self.ema)
+        if self._first_ema is None:
+            self._first_ema = self.ema
+        if len(self._emas) < 2 * w + 1 or self.ema <= c.plateau_floor * self._first_ema:
             return []
-        best_now = min(self._recent)
-        gain = (self._best_before - best_now) / max(abs(self._best_before), 1e-12)
-        if gain >= c.plateau_tol:
-            self._plateau_fired = False
+        old, mid, now = self._emas[0], self._emas[w], self._emas[-1]
+        before = (old - mid) / max(abs(old), 1e-12)  # relative progress, window before
+        recent = (mid - now) / max(abs(mid), 1e-12)  # relative progress, last window
+        if before < c.plateau_min_progress or recent >= c.plateau_stall * before:
+            if recent >= c.plateau_stall * before:
+                self._plateau_fired = False
             return []
         if self._plateau_fired:
             return []
         self._plateau_fired = True
         return [Alarm(step, "plateau", self.name, "", "scalar",
-                      f"best {self.name} of the last {c.plateau_window} steps {best_now:.4g} improved "
-                      f"on {self._best_before:.4g} by {gain:.2%} < {c.plateau_tol:.2%}", gain)]
+                      f"{self.name} EMA progress {recent:.2%} over the last {w} steps < "
+                      f"{c.plateau_stall:g}x the {before:.2%} of the {w} before", recent)]

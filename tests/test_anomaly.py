@@ -25,7 +25,8 @@ def of(alarms: list[Alarm], detector: str) -> list[Alarm]:
     ("warmup", 0), ("warmup", -3), ("warmup", 2.5), ("warmup", True),
     ("diverge_patience", 0), ("plateau_window", 0), ("plateau_window", "50"),
     ("beta", 0.0), ("beta", 1.0), ("beta", 1.5), ("beta", math.nan),
-    ("spike_sigmas", 0.0), ("spike_ratio", -1.0), ("diverge_ratio", math.nan), ("plateau_tol", 0.0),
+    ("spike_sigmas", 0.0), ("spike_ratio", -1.0), ("diverge_ratio", math.nan), ("plateau_stall", 0.0),
+    ("plateau_min_progress", -1.0), ("plateau_floor", 0.0), ("spike_patience", 0),
 ])
 def test_series_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"SeriesConfig\.{field}\b") as err:
@@ -63,18 +64,24 @@ def test_ema_matches_a_hand_computed_oracle():
 
 
 # ------------------------------------------------------------------------------- spike
-def test_spike_fires_on_a_tenfold_jump_after_warmup_and_stays_out_of_the_baseline():
+def test_spike_fires_on_a_sustained_tenfold_jump_and_stays_out_of_the_baseline():
     rng = np.random.default_rng(0)
     series = 1.0 + 0.01 * rng.standard_normal(30)
-    m = SeriesMonitor("loss")
+    m = SeriesMonitor("loss")  # spike_patience = 2
     assert feed(m, series) == []
     ema = m.ema
-    alarms = feed(m, [10 * series[-1]], start=30)
+    assert feed(m, [10 * series[-1]], start=30) == []  # one odd batch is not a fault ...
+    alarms = feed(m, [10 * series[-1]], start=31)  # ... two in a row are
     assert [a.detector for a in alarms] == ["spike"]
-    assert alarms[0].step == 30 and alarms[0].value == pytest.approx(10 * series[-1])
-    assert m.ema == ema  # the spike is not folded into the baseline ...
-    again = feed(m, [10 * series[-1]], start=31)
-    assert of(again, "spike")  # ... so the next outlier is not masked
+    assert alarms[0].step == 31 and alarms[0].value == pytest.approx(10 * series[-1])
+    assert m.ema == ema  # the spike is not folded into the baseline
+    assert feed(m, [10 * series[-1]], start=32) == []  # fires once per run of outliers
+
+
+def test_a_single_outlier_fires_with_patience_one():
+    m = SeriesMonitor("loss", SeriesConfig(spike_patience=1))
+    feed(m, [1.0] * 20)
+    assert of(feed(m, [10.0], start=20), "spike") != []
 
 
 def test_spike_does_not_fire_during_warmup():
@@ -84,7 +91,7 @@ def test_spike_does_not_fire_during_warmup():
 
 def test_spike_needs_both_the_z_score_and_the_ratio():
     # a 1.5x jump on a perfectly flat series is many sigmas but below spike_ratio = 2
-    m = SeriesMonitor("loss")
+    m = SeriesMonitor("loss", SeriesConfig(spike_patience=1))
     feed(m, [1.0] * 20)
     assert of(feed(m, [1.5], start=20), "spike") == []
     assert of(feed(m, [2.5], start=21), "spike") != []
@@ -144,21 +151,25 @@ def test_divergence_needs_patience_consecutive_steps():
 
 
 # ------------------------------------------------------------------------------- plateau
-def test_plateau_fires_once_on_a_flat_series_and_rearms_after_improvement():
-    c = SeriesConfig(warmup=2, plateau_window=5, plateau_tol=1e-3)
+def test_plateau_fires_once_when_progress_stalls_and_rearms_after_progress():
+    c = SeriesConfig(warmup=2, beta=0.5, plateau_window=5, plateau_floor=1e-4)
     m = SeriesMonitor("loss", c)
-    flat = [1.0] * 20
-    alarms = feed(m, flat)
-    plateaus = of(alarms, "plateau")
-    # values 2..6 fill the window; value 7 evicts value 2 and is the first comparison
-    assert [a.step for a in plateaus] == [c.warmup + c.plateau_window]
-    assert plateaus[0].value == 0.0
-    # progress re-arms the rule; a second flat stretch fires again, once
-    better = [0.5] * 20
-    alarms = feed(m, better, start=20)
-    plateaus = of(alarms, "plateau")
-    assert len(plateaus) == 1
-    assert plateaus[0].step == 20 + c.plateau_window  # once the window holds only 0.5s
+    falling = [2.0 * 0.9**k for k in range(20)]  # steady 10 % progress per step
+    assert of(feed(m, falling), "plateau") == []
+    stuck = [falling[-1]] * 20  # the learning rate collapsed: no progress at all
+    plateaus = of(feed(m, stuck, start=20), "plateau")
+    assert len(plateaus) == 1 and 20 < plateaus[0].step <= 20 + 2 * c.plateau_window
+    assert plateaus[0].value < 0.05  # the EMA barely moved over the last window
+    # progress re-arms the rule; a second stall fires again, once
+    again = [falling[-1] * 0.9**k for k in range(1, 21)] + [falling[-1] * 0.9**20] * 20
+    assert len(of(feed(m, again, start=40), "plateau")) == 1
+
+
+def test_plateau_stays_silent_once_converged_below_the_floor():
+    c = SeriesConfig(warmup=2, beta=0.5, plateau_window=5, plateau_floor=0.1)
+    m = SeriesMonitor("loss", c)
+    converged = [2.0 * 0.7**k for k in range(20)] + [2.0 * 0.7**19] * 30  # ends at 0.0023
+    assert of(feed(m, converged), "plateau") == []
 
 
 def test_plateau_stays_silent_while_the_series_improves():

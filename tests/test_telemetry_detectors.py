@@ -186,20 +186,29 @@ def test_gradient_ratio_never_localises_at_macro_and_uses_the_ema_there():
 
 
 # ---------------------------------------------------------------------------- dead ReLU
-def test_dead_relu_needs_patience_consecutive_steps_at_or_above_threshold():
-    det = DeadReLUDetector(["1", "3"], threshold=0.7, patience=3)
-    fracs = [0.8, 0.8, 0.5, 0.8, 0.8, 0.8, 0.9, 0.1, 0.7, 0.7, 0.7, 0.69]
+def test_dead_relu_needs_patience_steps_above_threshold_and_baseline():
+    det = DeadReLUDetector(["1", "3"], threshold=0.7, patience=3, margin=0.2, warmup=10)
+    # a healthy conv-like layer near 60 % zeros; 75 % is over the threshold but within the
+    # margin of its baseline (no alarm); 95 % for three steps is a dead layer
+    fracs = [0.6] * 12 + [0.75] * 5 + [0.95, 0.5, 0.95, 0.95, 0.95, 0.95]
     seq = [[ob("act", "1", zero_frac=f), ob("act", "3", zero_frac=0.0),
             ob("act", "0", zero_frac=1.0), ob("grad", "1", zero_frac=1.0)] for f in fracs]
     alarms = run(det, seq)
-    assert [(a.step, a.layer) for a in alarms] == [(5, "1"), (10, "1")]
+    assert [(a.step, a.layer) for a in alarms] == [(21, "1")]  # 19, 20, 21: three in a row
     assert all(a.detector == "dead_relu" and a.kind == "act" for a in alarms)
-    assert alarms[0].value == 0.8
+    assert alarms[0].value == 0.95 and "baseline" in alarms[0].evidence
+
+
+def test_dead_relu_before_warmup_needs_an_almost_all_zero_layer():
+    det = DeadReLUDetector(["1"], patience=2, warmup=10)
+    assert run(det, [[ob("act", "1", zero_frac=0.8)]] * 4) == []
+    det = DeadReLUDetector(["1"], patience=2, warmup=10)
+    assert [a.step for a in run(det, [[ob("act", "1", zero_frac=0.97)]] * 4)] == [1]
 
 
 def test_dead_relu_at_macro_reports_star():
     det = DeadReLUDetector(["1"], patience=2)
-    alarms = run(det, [[ob("act", "*", "macro", zero_frac=0.9)]] * 3)
+    alarms = run(det, [[ob("act", "*", "macro", zero_frac=0.97)]] * 3)
     assert [(a.step, a.layer, a.level) for a in alarms] == [(1, "*", "macro")]
 
 
@@ -239,9 +248,9 @@ def test_activation_scale_fires_after_warmup_on_a_tenfold_jump():
 def test_activation_scale_keeps_outliers_out_of_the_baseline():
     det = ActivationScaleDetector(warmup=2)
     run(det, [[act(1.0)]] * 3)
-    ema = det._ema["1"]
+    ema = det._ema[("1", "meso")]  # one baseline per (layer, level)
     assert det.update(3, [act(100.0)], None)
-    assert det._ema["1"] == ema
+    assert det._ema[("1", "meso")] == ema
     assert det.update(4, [act(100.0)], None) == []  # same episode of trouble: no second alarm
     assert det.update(5, [act(1.0)], None) == []
 
@@ -264,13 +273,13 @@ def test_loss_detector_spike_divergence_and_plateau():
     c = SeriesConfig(warmup=5, plateau_window=5)
     rng = np.random.default_rng(0)
     noisy = list(2.0 - 0.05 * np.arange(15) + 0.005 * rng.standard_normal(15))  # improving
-    spike = noisy + [20.0] + [noisy[-1]]
+    spike = noisy + [20.0, 20.0] + [noisy[-1]]  # spike_patience = 2: two outliers in a row
     alarms = run(LossDetector(c), [[]] * len(spike), spike)
-    assert [(a.step, a.detector) for a in alarms] == [(15, "spike")]
+    assert [(a.step, a.detector) for a in alarms] == [(16, "spike")]
 
-    flat = [1.0] * 12
-    alarms = run(LossDetector(c), [[]] * len(flat), flat)
-    assert [(a.step, a.detector) for a in alarms] == [(10, "plateau")]
+    stall = [2.0 * 0.9**k for k in range(15)] + [2.0 * 0.9**14] * 15  # progress, then none
+    alarms = run(LossDetector(SeriesConfig(warmup=5, plateau_window=5, beta=0.5)), [[]] * len(stall), stall)
+    assert [a.detector for a in alarms] == ["plateau"] and 15 < alarms[0].step <= 25
 
     c2 = SeriesConfig(warmup=3, plateau_window=1000)
     rising = [1.0] * 5 + [1.05 ** k for k in range(1, 80)]

@@ -123,18 +123,21 @@ class GradientRatioDetector(Detector):
     gradient norm above ``explode_ratio`` (70) means exploding gradients, below
     ``vanish_ratio`` (1e-3) vanishing ones. It needs both layers at a localising level (raw,
     micro or meso). With macro gradients only, it falls back to the global gradient norm
-    against its own EMA (``global_factor`` times above or below, after ``warmup`` steps) and
+    against its own EMA (``global_factor`` times above, or ``global_vanish_factor`` times below,
+    after ``warmup`` steps: gradients shrink tenfold on their own as a run converges) and
     reports ``layer = "*"``.
     """
 
     name = "gradient"
 
     def __init__(self, first: str, last: str, explode_ratio: float = 70.0, vanish_ratio: float = 1e-3,
-                 global_factor: float = 10.0, warmup: int = 10, beta: float = 0.9) -> None:
+                 global_factor: float = 10.0, global_vanish_factor: float = 100.0, warmup: int = 10,
+                 beta: float = 0.9) -> None:
         super().__init__()
         self.first, self.last = first, last
         self.explode_ratio, self.vanish_ratio = explode_ratio, vanish_ratio
-        self.global_factor, self.warmup, self.beta = global_factor, warmup, beta
+        self.global_factor, self.global_vanish_factor = global_factor, global_vanish_factor
+        self.warmup, self.beta = warmup, beta
         self._ema, self._n = 0.0, 0
 
     def update(self, step, obs, loss):
@@ -155,7 +158,7 @@ class GradientRatioDetector(Detector):
             if self._n >= self.warmup and self._ema > 0:
                 r = glob.norm / self._ema
                 for det, cond in (("exploding_grad", r > self.global_factor),
-                                  ("vanishing_grad", r < 1 / self.global_factor)):
+                                  ("vanishing_grad", r < 1 / self.global_vanish_factor)):
                     if self._edge((det, "*"), cond):
                         alarms.append(Alarm(step, det, "grad", "*", "macro",
                                             f"global |g| {glob.norm:.3g} = {r:.3g}x its EMA {self._ema:.3g}", r))
@@ -165,37 +168,56 @@ class GradientRatioDetector(Detector):
 
 
 class DeadReLUDetector(Detector):
-    """Rule (AUTOTRAINER's dying-ReLU check): an activation layer whose outputs are >= 70 %
-    exact zeros for ``patience`` consecutive steps. Applies to the ``layers`` given (the
-    ReLU-family modules); a macro row pools every layer, so one dead layer among healthy ones
-    is diluted and usually invisible there."""
+    """Dying ReLUs.
+
+    Rule: an activation layer's outputs are >= ``threshold`` (70 %, AUTOTRAINER's dying-ReLU
+    threshold) exact zeros for ``patience`` consecutive steps *and* at least ``margin`` above
+    the layer's own baseline (an EMA of its zero fraction over healthy steps, after ``warmup``
+    of them; before that only a nearly all-zero layer, >= 95 %, counts). The margin is ours:
+    healthy convolutional ReLUs sit near 70 % zeros (70-73 % in the bundled CNN), so the bare
+    threshold fires on clean runs. Applies to the ``layers`` given (the ReLU-family modules);
+    a macro row pools every layer, so one dead layer among healthy ones is diluted there.
+    """
 
     name = "dead_relu"
 
-    def __init__(self, layers: Iterable[str], threshold: float = 0.7, patience: int = 3) -> None:
+    def __init__(self, layers: Iterable[str], threshold: float = 0.7, patience: int = 3,
+                 margin: float = 0.2, warmup: int = 10, beta: float = 0.9) -> None:
         super().__init__()
         self.layers = set(layers)
-        self.threshold, self.patience = threshold, patience
+        self.threshold, self.patience, self.margin = threshold, patience, margin
+        self.warmup, self.beta = warmup, beta
         self._runs: dict[str, int] = {}
+        self._base: dict[str, float] = {}
+        self._n: dict[str, int] = {}
 
     def update(self, step, obs, loss):
         alarms = []
         for o in obs:
             if o.kind != "act" or (o.layer not in self.layers and o.layer != "*"):
                 continue
-            dead = o.zero_frac >= self.threshold
+            zf = o.zero_frac
+            if zf is None or not math.isfinite(zf):
+                continue
+            key = (o.layer, o.level)  # micro block means understate zeros: one baseline per level
+            n, base = self._n.get(key, 0), self._base.get(key, zf)
+            dead = zf >= self.threshold and (zf >= base + self.margin if n >= self.warmup else zf >= 0.95)
             self._runs[o.layer] = self._runs.get(o.layer, 0) + 1 if dead else 0
+            if not dead:
+                self._base[key] = zf if n == 0 else self.beta * base + (1 - self.beta) * zf
+                self._n[key] = n + 1
             if self._edge(o.layer, self._runs[o.layer] >= self.patience):
                 alarms.append(Alarm(step, self.name, "act", o.layer, o.level,
-                                    f"{o.zero_frac:.0%} of outputs are zero for {self.patience} steps "
-                                    f"(threshold {self.threshold:.0%})", o.zero_frac))
+                                    f"{zf:.0%} of outputs are zero for {self.patience} steps "
+                                    f"(threshold {self.threshold:.0%}, baseline {base:.0%})", zf))
         return alarms
 
 
 class ActivationScaleDetector(Detector):
     """Rule: an activation layer's RMS leaves [1/factor, factor] x its own EMA baseline
-    (after ``warmup`` steps; outliers are kept out of the baseline). Catches input corruption
-    and exploding activations; at macro it watches the pooled RMS only."""
+    (after ``warmup`` steps; outliers are kept out of the baseline; one baseline per level,
+    since raw, micro and meso estimate the RMS differently). Catches input corruption and
+    exploding activations; at macro it watches the pooled RMS only."""
 
     name = "activation_scale"
 
@@ -211,15 +233,16 @@ class ActivationScaleDetector(Detector):
             rms = o.rms
             if o.kind != "act" or not math.isfinite(rms):
                 continue
-            n, ema = self._n.get(o.layer, 0), self._ema.get(o.layer, rms)
+            key = (o.layer, o.level)  # levels estimate RMS differently: one baseline each
+            n, ema = self._n.get(key, 0), self._ema.get(key, rms)
             r = rms / ema if ema > 0 else 1.0  # a baseline of exactly 0 has no scale to leave
             bad = n >= self.warmup and (r > self.factor or r < 1 / self.factor)
             if self._edge(o.layer, bad):
                 alarms.append(Alarm(step, self.name, "act", o.layer, o.level,
                                     f"activation RMS {rms:.3g} = {r:.3g}x its EMA {ema:.3g}", r))
             if not bad:
-                self._ema[o.layer] = rms if n == 0 else self.beta * ema + (1 - self.beta) * rms
-                self._n[o.layer] = n + 1
+                self._ema[key] = rms if n == 0 else self.beta * ema + (1 - self.beta) * rms
+                self._n[key] = n + 1
         return alarms
 
 

@@ -234,7 +234,9 @@ def replay(trace: Trace, policy: Policy, *, config: TelemetryConfig = TelemetryC
         false += len(alarms) - len(t_ok)
         if t_ok and detection is None:
             detection = step
-        r = weights.reward(len(t_ok), len(alarms) - len(t_ok), sent / raw[step], suite.latency_s[-1] * 1e3)
+        rows = sum(b.num_rows for b in rec.batches.values())
+        values = sum(len(b.column("values").values) for lv, b in rec.batches.items() if lv in ("raw", "micro"))
+        r = weights.reward(len(t_ok), len(alarms) - len(t_ok), sent / raw[step], weights.analysis_ms(rows, values))
         reward += r
         next_state = tracker.update(step, alarms, grad_variance(suite), rec.loss, trace.utilisation[step])
         if learn:
