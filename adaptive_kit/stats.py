@@ -79,6 +79,29 @@ def _row_partials(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([n, mean, (dev * dev).sum(1), (x0 * x0).sum(1), zeros, lo, hi])  # (7, R)
 
 
+def _row_partials_cpu(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_row_partials` with a fast path for all-finite rows (most of them).
+
+    Finite rows need no masking: plain row reductions (the ones CPU kernels vectorise) give
+    every partial. Rows whose sums come out non-finite (NaN padding, real NaN/Inf) go through
+    the masked path. Choosing them reads a result on the host, which costs nothing on a CPU,
+    so this path is for CPUs only.
+    """
+    if x.shape[0] == 0:
+        return _row_partials(x)
+    c = x.shape[1]
+    total = x.sum(1)
+    mean = total / c
+    dev = x - mean[:, None]
+    n = torch.full_like(mean, c)
+    zeros = c - torch.sign(x).abs().sum(1)  # sign is 0 only at 0
+    out = torch.stack([n, mean, dev.square().sum(1), x.square().sum(1), zeros, x.amin(1), x.amax(1)])
+    bad = torch.nonzero(~torch.isfinite(out[3] + total)).squeeze(1)
+    if bad.numel():
+        out[:, bad] = _row_partials(x[bad])
+    return out
+
+
 def batched_stats(tensors: Sequence[TensorGroup] | Mapping[str, TensorGroup]) -> torch.Tensor:
     """Statistics of every layer in one pass, on the layers' device.
 
@@ -124,8 +147,10 @@ def batched_stats(tensors: Sequence[TensorGroup] | Mapping[str, TensorGroup]) ->
 
     # On a GPU one pass over all rows costs a fixed number of kernel launches. On a CPU a launch
     # is free but memory traffic is not: blocks of rows keep the ~15 passes in cache.
-    step = max(x.shape[0], 1) if device.type != "cpu" else CPU_BLOCK_ROWS
-    partials = torch.cat([_row_partials(x[i:i + step]) for i in range(0, max(x.shape[0], 1), step)], dim=1)
+    cpu = device.type == "cpu"
+    step = CPU_BLOCK_ROWS if cpu else max(x.shape[0], 1)
+    rows = _row_partials_cpu if cpu else _row_partials
+    partials = torch.cat([rows(x[i:i + step]) for i in range(0, max(x.shape[0], 1), step)], dim=1)
     n_row, mean_row, m2_row, sq_row, zero_row, lo_row, hi_row = partials
     n_row = n_row.to(torch.int64)  # exact: at most CHUNK per row
 
