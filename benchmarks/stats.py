@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +40,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from machine import describe
 from torch import nn
 
 from adaptive_kit import pick_device, seed_everything
@@ -246,24 +245,6 @@ def bench_workload(w: Workload, device: torch.device, repeats: int, warmup: int)
     return rows
 
 
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    if not cpu:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-        except OSError:
-            cpu = ""
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-    }
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -281,7 +262,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         torch.set_num_threads(args.threads)
     repeats, warmup = (15, 3) if args.quick else (100, 10)
     device = pick_device()
-    info = machine(device)
+    info = describe(device)
     print(f"device={device} cpu={info['cpu']!r} cores={info['cpu_count']} "
           f"threads={info['torch_threads']} torch={info['torch']} repeats={repeats} warmup={warmup}")
     t0 = time.perf_counter()

@@ -49,7 +49,6 @@ import copy
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -63,6 +62,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
+from machine import describe
 from torch import nn
 
 from adaptive_kit import pick_device, seed_everything
@@ -609,24 +609,6 @@ def detection(args, quick: bool) -> dict:
 
 
 # ==================================================================================== main
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    if not cpu:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-        except OSError:
-            cpu = ""
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-    }
 
 
 def overhead_targets(table: pd.DataFrame) -> pd.DataFrame:
@@ -668,7 +650,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)  # see benchmarks/stats.py: 2 threads on a shared VM swing 100x
     block, warmup, repeats = (5, 1, 4) if args.quick else (10, 2, 20)
     device = pick_device()
-    info = machine(device)
+    info = describe(device)
     print(f"device={device} cpu={info['cpu']!r} cores={info['cpu_count']} threads={info['torch_threads']} "
           f"torch={info['torch']} mode={'quick' if args.quick else 'full'} "
           f"load average at start={os.getloadavg()[0]:.2f}")

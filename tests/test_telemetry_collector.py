@@ -3,7 +3,6 @@ means and strides, Arrow IPC sizes; and stats.combine_stats against batched_stat
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -27,15 +26,6 @@ from adaptive_kit.telemetry import (
     TelemetryConfig,
 )
 from adaptive_kit.training import mlp
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # tiny models on a 2-core machine: extra threads only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_mlp() -> nn.Module:

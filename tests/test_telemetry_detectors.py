@@ -3,7 +3,6 @@ Observation sequences, the suite's error handling, and end to end on digits with
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -32,14 +31,6 @@ from adaptive_kit.telemetry.detectors import (
 )
 from adaptive_kit.telemetry.faults import Fault, FaultInjector
 from adaptive_kit.training import mlp
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def ob(kind: str = "grad", layer: str = "0", level: str = "meso", *, count: int = 100,

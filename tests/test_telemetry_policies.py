@@ -3,7 +3,6 @@ update by formula, a synthetic bandit for LinUCB, and replays of short recorded 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -41,14 +40,6 @@ from adaptive_kit.telemetry.episodes import (
 from adaptive_kit.telemetry.faults import Fault
 from adaptive_kit.telemetry.policies import ACTION_LEVELS, JOINT_ACTIONS
 from adaptive_kit.training import mlp
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def alarm(step: int, kind: str = "act", layer: str = "1", detector: str = "test") -> Alarm:
