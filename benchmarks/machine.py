@@ -1,4 +1,5 @@
-"""The machine a benchmark ran on, for its JSON output."""
+"""What every benchmark shares: its command line (--quick, --json, --threads) and the machine."""
+import argparse
 import os
 import platform
 
@@ -24,3 +25,22 @@ def describe(device: torch.device) -> dict:
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
+
+
+def parse_args(description: str, quick_help: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """``--quick``, ``--json FILE`` and ``--threads N`` (default 1, applied here).
+
+    One thread by default: on a small shared VM, OpenMP workers that wait for a busy core made
+    single calls 100x slower and the medians meaningless.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", metavar="FILE", help="also write the tables and the machine as JSON")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="torch intra-op CPU threads (default 1; 0 keeps torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args

@@ -29,7 +29,6 @@ Run from the repository root::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -40,7 +39,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from machine import describe
+from machine import describe, parse_args
 from torch import nn
 
 from adaptive_kit import pick_device, seed_everything
@@ -245,21 +244,8 @@ def bench_workload(w: Workload, device: torch.device, repeats: int, warmup: int)
     return rows
 
 
-
-
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (well under 3 min)")
-    parser.add_argument("--json", metavar="FILE", help="also write the table and machine as JSON")
-    parser.add_argument("--threads", type=int, default=1, metavar="N",
-                        help="torch intra-op CPU threads (default 1; 0 keeps torch's default)")
-    args = parser.parse_args(argv)
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        # One thread by default: on a small shared VM, OpenMP workers that wait for a busy core
-        # made single calls 100x slower and the medians meaningless.
-        torch.set_num_threads(args.threads)
+    args = parse_args(__doc__.splitlines()[0], "fewer repeats (well under 3 min)", argv)
     repeats, warmup = (15, 3) if args.quick else (100, 10)
     device = pick_device()
     info = describe(device)

@@ -44,7 +44,6 @@ Run from the repository root::
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -62,7 +61,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-from machine import describe
+from machine import describe, parse_args
 from torch import nn
 
 from adaptive_kit import pick_device, seed_everything
@@ -638,16 +637,7 @@ def _jsonable(o):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, seeds and steps (under 3 min)")
-    parser.add_argument("--json", metavar="FILE", help="also write every table and the machine as JSON")
-    parser.add_argument("--threads", type=int, default=1, metavar="N",
-                        help="torch intra-op CPU threads (default 1; 0 keeps torch's default)")
-    args = parser.parse_args(argv)
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)  # see benchmarks/stats.py: 2 threads on a shared VM swing 100x
+    args = parse_args(__doc__.splitlines()[0], "fewer repeats, seeds and steps (under 3 min)", argv)
     block, warmup, repeats = (5, 1, 4) if args.quick else (10, 2, 20)
     device = pick_device()
     info = describe(device)
