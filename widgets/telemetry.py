@@ -50,6 +50,7 @@ class TelemetryPanel:
         self.out = w.Output()
         self.result: Run | None = None
         self._history: list[tuple[int, list]] = []  # (step, observations) of the last run
+        self._alarms: list = []  # alarms of the last (or current) run, as they fire
         self.steps.observe(lambda ch: setattr(self.fault_step, "max", ch["new"] - 1), names="value")
         self.stat.observe(lambda _: self.redraw(), names="value")
         self.run_button.on_click(lambda _: self.run())
@@ -78,6 +79,7 @@ class TelemetryPanel:
         for p in (*self.plots.values(), self.bytes_plot):
             p.clear()
         self._history.clear()
+        self._alarms.clear()
         self.run_button.disabled = True
         try:
             self.result = run(self.spec(), levels, policy=policy, on_record=self._on_record, progress=True)
@@ -95,6 +97,7 @@ class TelemetryPanel:
 
     def _on_record(self, record, alarms, observations) -> None:
         self._history.append((record.step, observations))
+        self._alarms.extend(alarms)
         self._push(record.step, observations)
         self.bytes_plot.push(record.step, bytes=sum(record.bytes.values()))
         if alarms:
@@ -121,9 +124,7 @@ class TelemetryPanel:
             p.flush()
 
     def _show_alarms(self) -> None:
-        alarms = self.result.suite.alarms if self.result is not None else []
-        if self.result is None and self._history:
-            return
+        alarms = self._alarms
         if not alarms:
             self.alarm_box.value = "<b>alarms:</b> none"
             return

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -69,12 +70,14 @@ class Controller:
     """
 
     def __init__(self, tel: Telemetry, policy: Policy, suite: DetectorSuite | None = None,
-                 steps_total: int = 1000) -> None:
+                 steps_total: int = 1000, util_interval_s: float = 1.0) -> None:
         self.tel = tel
         self.policy = policy
         self.suite = suite if suite is not None else DetectorSuite.for_telemetry(tel)
         self.tracker = StateTracker(steps_total)
         self.sampler = ResourceSampler()
+        self.util_interval_s = util_interval_s  # utilisation is read from /proc at most this often
+        self._util, self._util_at = 0.0, -math.inf
         self.plans: list[Plan] = []
         policy.reset()
         tel.on_record = self
@@ -90,7 +93,9 @@ class Controller:
 
     def __call__(self, record: StepRecord) -> list[Alarm]:
         alarms = self.suite(record)
-        util = self.sampler.sample()["util_percent"][0]
-        state = self.tracker.update(record.step, alarms, grad_variance(self.suite), record.loss, util)
+        now = time.monotonic()
+        if now - self._util_at >= self.util_interval_s:
+            self._util, self._util_at = self.sampler.sample()["util_percent"][0], now
+        state = self.tracker.update(record.step, alarms, grad_variance(self.suite), record.loss, self._util)
         self.apply(self.policy.act(state))
         return alarms
