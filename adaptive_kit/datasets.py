@@ -136,3 +136,40 @@ def markov_tokens(n_sequences: int, seq_len: int, vocab: int = 64, seed: int = 0
     for t in range(1, seq_len):
         out[:, t] = torch.multinomial(probs[out[:, t - 1]], 1, generator=g).squeeze(1)
     return out
+
+
+def dirichlet_split(labels: torch.Tensor, n_parts: int, alpha: float, seed: int = 0,
+                    min_size: int = 1) -> list[torch.Tensor]:
+    """Non-IID shards: each class is spread over ``n_parts`` by proportions drawn from Dir(alpha).
+
+    Small ``alpha`` (0.1) gives each part a few dominant classes; large ``alpha`` (100) is close to
+    an IID split. Draws are repeated (seeded) until every part has ``min_size`` examples.
+
+    Returns:
+        ``n_parts`` int64 index tensors into ``labels``, disjoint and covering every example.
+
+    Raises:
+        ValueError: ``n_parts`` < 1, ``alpha`` <= 0, ``min_size`` < 0, or no draw in 1000 gives every
+            part ``min_size`` examples (the message says how many examples there are).
+    """
+    if isinstance(n_parts, bool) or not isinstance(n_parts, (int, np.integer)) or n_parts < 1:
+        raise ValueError(f"dirichlet_split(n_parts={n_parts!r}): expected an int >= 1")
+    if not alpha > 0:
+        raise ValueError(f"dirichlet_split(alpha={alpha!r}): expected > 0")
+    if min_size < 0 or min_size * n_parts > len(labels):
+        raise ValueError(f"dirichlet_split(min_size={min_size!r}): expected 0 <= min_size <= "
+                         f"{len(labels) // n_parts} for {len(labels)} examples in {n_parts} parts")
+    y = np.asarray(labels.cpu())
+    rng = np.random.default_rng(seed)
+    by_class = [rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y)]
+    for _ in range(1000):
+        parts: list[list[np.ndarray]] = [[] for _ in range(n_parts)]
+        for idx in by_class:
+            cuts = (np.cumsum(rng.dirichlet(np.full(n_parts, alpha)))[:-1] * len(idx)).astype(int)
+            for p, chunk in enumerate(np.split(idx, cuts)):
+                parts[p].append(chunk)
+        out = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(p) for p in out) >= min_size:
+            return [torch.as_tensor(p, dtype=torch.int64) for p in out]
+    raise ValueError(f"dirichlet_split: no draw gave all {n_parts} parts >= {min_size} of "
+                     f"{len(y)} examples at alpha={alpha}; raise alpha or lower min_size")

@@ -1,0 +1,529 @@
+"""Speculative data-parallel training: K workers, per-region speculation, reconciliation.
+
+Every worker holds the model as one flat parameter vector; a process holds W of them as rows
+of a (W, N) tensor (W = K when :class:`~.comm.SimComm` simulates all workers in one process,
+W = 1 under torch.distributed) and runs forward and backward for all its rows at once with
+``torch.func.vmap``. Each step:
+
+1. if a weight average launched last step is still in flight, compute on the local
+   (speculative) weights meanwhile: the loss and gradient are *tagged*;
+2. reconcile: adopt the average for the regions it covers; a worker whose speculative weights
+   sit at relative RMSE >= ``reconcile_threshold`` from it rolls back — its tagged outputs are
+   recomputed with the global weights (counted);
+3. all-reduce the gradients of the Global part (every step), with the control statistics every
+   ``control_every`` steps and one health flag per worker, in one collective;
+4. SGD with momentum; the speculative part of each region trains on local gradients;
+5. launch the weight average of the regions whose schedule is due (overlapped with the next
+   step's compute).
+
+A worker whose gradients or weights are not finite is excluded from that average (the sum is
+redone without it), repaired from the others, and reported in ``alarms``; it never reaches the
+global model silently.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+from tqdm.auto import tqdm
+
+from ..training import TrainConfig
+from .comm import SimComm, _Comm
+from .network import simulated_time
+from .regions import ManagerConfig, RegionManager
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy; sequence logits (B, T, V) are flattened against targets (B, T)."""
+    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+@dataclass
+class Task:
+    """A model and one data shard per worker: what every method in the harness trains."""
+
+    name: str
+    build: Callable[[], nn.Module]  # picklable (module-level), so spawned workers can call it
+    shards: list[tuple[torch.Tensor, torch.Tensor]]  # (x, y) per worker
+    test: tuple[torch.Tensor, torch.Tensor]
+    loss: Loss = cross_entropy
+
+    @property
+    def workers(self) -> int:
+        return len(self.shards)
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """How regions speculate and synchronise. The presets in :mod:`.baselines` set these."""
+
+    manager: ManagerConfig = ManagerConfig()  # the Region Manager's thresholds
+    adaptive: bool = True  # False: every region keeps manager.initial_p
+    regions: str | Mapping[str, Sequence[str]] = "layer"  # "layer", "param" or {region: [param names]}
+    period: int = 32  # steps between weight averages of a region's speculative part, at start
+    adapt_period: bool = True  # AdaComm: the period falls with sqrt(loss / first loss) (not below 1)
+    reconcile_threshold: float = 0.25  # relative RMSE from the average at which a worker rolls back
+    speculate: bool = True  # compute ahead while the average is in flight; False: wait for it
+    control_every: int = 8  # steps between control statistics (0: never, fixed schedules)
+    warmup: int = 0  # steps with every region Global first (post-local SGD's warm-up)
+    outer_lr: float = 1.0  # outer step on the averaged pseudo-gradient (DiLoCo: 0.7)
+    outer_momentum: float = 0.0  # its Nesterov momentum (DiLoCo: 0.9)
+    sketch: int = 16  # count-sketch buckets per region for the control statistics
+
+    def __post_init__(self) -> None:
+        for name, lo in (("period", 1), ("control_every", 0), ("warmup", 0), ("sketch", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"SpecConfig.{name} must be an int >= {lo}, got {v!r}")
+        if not self.reconcile_threshold >= 0:
+            raise ValueError(f"SpecConfig.reconcile_threshold must be >= 0, got {self.reconcile_threshold!r}")
+        if not 0 < self.outer_lr <= 2:
+            raise ValueError(f"SpecConfig.outer_lr must be in (0, 2], got {self.outer_lr!r}")
+        if not 0 <= self.outer_momentum < 1:
+            raise ValueError(f"SpecConfig.outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
+        if self.adaptive and self.control_every == 0:
+            raise ValueError("SpecConfig: adaptive=True needs control_every >= 1")
+        if isinstance(self.regions, str) and self.regions not in ("layer", "param"):
+            raise ValueError(f"SpecConfig.regions={self.regions!r}: expected 'layer', 'param' or a mapping")
+
+
+class FlatModel:
+    """A module as one flat parameter vector; loss and gradient vectorised over workers."""
+
+    def __init__(self, module: nn.Module, loss: Loss) -> None:
+        if any(True for _ in module.buffers()):
+            raise ValueError(f"{type(module).__name__} has buffers (BatchNorm?): workers would keep "
+                             "diverging statistics; use LayerNorm or no normalisation")
+        self.module = module
+        named = list(module.named_parameters())
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.n = sum(self.sizes)
+
+        def f(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return loss(functional_call(module, self.unflatten(theta), (x,)), y)
+
+        self._loss_grad = vmap(grad_and_value(f))
+        self._loss = f
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: t.view(s) for n, t, s in zip(self.names, theta.split(self.sizes), self.shapes)}
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()])
+
+    def loss_and_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+        """(W, N) weights, (W, B, ...) batches -> loss (W,), gradient (W, N)."""
+        g, loss = self._loss_grad(theta, x, y)
+        return loss, g
+
+    @torch.no_grad()
+    def evaluate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """Test loss and accuracy of one weight vector (N,)."""
+        out = functional_call(self.module, self.unflatten(theta), (x,))
+        loss = self._loss(theta, x, y)
+        acc = (out.argmax(-1) == y).float().mean()
+        return float(loss), float(acc)
+
+
+def region_index(names: list[str], sizes: list[int],
+                 regions: str | Mapping[str, Sequence[str]]) -> tuple[list[str], torch.Tensor]:
+    """Region names and the region of every flat element (N,) int64.
+
+    Raises:
+        ValueError: a mapping names an unknown parameter, or leaves one out, or uses one twice.
+    """
+    if regions == "param":
+        groups = {n: [n] for n in names}
+    elif regions == "layer":
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            groups.setdefault(n.rsplit(".", 1)[0] if "." in n else n, []).append(n)
+    else:
+        groups = {str(k): list(v) for k, v in regions.items()}
+        seen = [p for ps in groups.values() for p in ps]
+        unknown = sorted(set(seen) - set(names))
+        if unknown:
+            raise ValueError(f"SpecConfig.regions names unknown parameters {unknown}; the model has {names}")
+        missing = [n for n in names if n not in seen]
+        twice = sorted({p for p in seen if seen.count(p) > 1})
+        if missing or twice:
+            raise ValueError(f"SpecConfig.regions must put every parameter in exactly one region: "
+                             f"missing {missing}, repeated {twice}")
+    owner = {p: i for i, ps in enumerate(groups.values()) for p in ps}
+    region_of = torch.cat([torch.full((s,), owner[n], dtype=torch.int64) for n, s in zip(names, sizes)])
+    return list(groups), region_of
+
+
+@dataclass
+class RunResult:
+    """What one run did, on the host: per-step history, evaluations, region states, traffic."""
+
+    method: str
+    workers: int
+    regions: list[str]
+    history: pd.DataFrame  # per step: loss, tagged, rollbacks, recomputes, bytes
+    evals: pd.DataFrame  # step, test_loss, test_accuracy (the workers' averaged model)
+    p: np.ndarray  # (steps, R) speculative fraction per region after each step
+    log: list  # Collective records
+    compute_s: float  # one worker's forward + backward, measured
+    wall_s: float  # measured wall-clock of the training loop
+    alarms: list[dict] = field(default_factory=list)  # non-finite workers excluded, by step and rank
+    theta: torch.Tensor | None = None  # final averaged weights (N,)
+
+    @property
+    def final_test_loss(self) -> float:
+        return float(self.evals["test_loss"].iloc[-1])
+
+    def bytes_per_worker(self) -> dict[str, int]:
+        """Training bytes each worker sent: payload (gradients, weights) and control (stats, flags)."""
+        pay = sum(c.payload_bytes for c in self.log if c.kind != "eval")
+        ctl = sum(c.control_bytes for c in self.log if c.kind != "eval")
+        return {"payload": pay, "control": ctl, "total": pay + ctl}
+
+    def rollback_rate(self) -> float:
+        """Rolled-back reconciliations over all reconciliations of speculative work."""
+        n = self.history["reconciled"].sum()
+        return float(self.history["rollbacks"].sum() / n) if n else 0.0
+
+    def simulated_time(self, net: str) -> np.ndarray:
+        """Cumulative simulated seconds per step on network profile ``net``."""
+        return simulated_time(self.log, len(self.history), self.workers, self.compute_s,
+                              (self.history["recomputes"] > 0).to_numpy(), net)
+
+    def time_to(self, target: float, net: str) -> float:
+        """Simulated seconds until the test loss first reaches ``target`` (inf if never)."""
+        hit = self.evals[self.evals["test_loss"] <= target]
+        if hit.empty:
+            return float("inf")
+        return float(self.simulated_time(net)[int(hit["step"].iloc[0])])
+
+
+class Engine:
+    """The training state of the workers in this process and one step of the algorithm."""
+
+    def __init__(self, task: Task, config: SpecConfig, train: TrainConfig, comm: _Comm,
+                 device: torch.device) -> None:
+        if task.workers != comm.world:
+            raise ValueError(f"task has {task.workers} shards for {comm.world} workers")
+        self.task, self.cfg, self.train, self.comm, self.device = task, config, train, comm, device
+        torch.manual_seed(train.seed)  # same initial weights on every worker
+        self.model = FlatModel(task.build().to(device), task.loss)
+        self.K, self.W = comm.world, comm.local
+        self.theta = self.model.flat().to(device).expand(self.W, -1).clone()  # (W, N)
+        self.mom = torch.zeros_like(self.theta)
+        names, self.region_of = region_index(self.model.names, self.model.sizes, config.regions)
+        self.region_of = self.region_of.to(device)
+        self.R = len(names)
+        g = torch.Generator().manual_seed(train.seed + 1)  # identical on every worker
+        order = torch.empty(self.model.n)
+        for r in range(self.R):  # a fixed random order inside each region: p selects a prefix
+            idx = (self.region_of == r).nonzero().squeeze(1).cpu()
+            order[idx] = torch.randperm(len(idx), generator=g).float() / len(idx)
+        self.order = order.to(device)
+        m = config.sketch
+        self.bucket = (self.region_of * m + torch.randint(0, m, (self.model.n,), generator=g).to(device))
+        self.sign = (torch.randint(0, 2, (self.model.n,), generator=g).float() * 2 - 1).to(device)
+        self.manager = RegionManager(names, config.manager)
+        self.p = np.zeros(self.R) if config.warmup else self.manager.p.copy()
+        self.period = np.full(self.R, config.period)
+        self.next_sync = np.full(self.R, config.warmup + 1)  # first average after the first step, as torch's averagers
+        self.anchor = self.theta[0].clone()  # last global weights (DiLoCo's outer optimiser)
+        self.outer_buf = torch.zeros_like(self.anchor)
+        self.pending: dict | None = None
+        self.p_target: np.ndarray | None = None
+        self.loss0 = 0.0
+        self.ctrl_wanted = False
+        self._last_rollbacks = self._last_reconciled = 0
+        self.alarms: list[dict] = []
+        self.ranks = comm.ranks.tolist()
+        self.gens = [torch.Generator().manual_seed(train.seed * 100_003 + r) for r in self.ranks]
+        self._masks()
+
+    # -- masks -----------------------------------------------------------------------------
+    def _masks(self) -> None:
+        p = torch.as_tensor(self.p, dtype=torch.float32, device=self.device)
+        self.spec = self.order < p[self.region_of]  # (N,) True = trains on local weights
+        self.gidx = (~self.spec).nonzero().squeeze(1)
+        self.sidx = [(self.spec & (self.region_of == r)).nonzero().squeeze(1) for r in range(self.R)]
+
+    def _set_p(self, new_p: np.ndarray, step: int) -> None:
+        """Grow speculation at once; shrink it only at the region's next average (forced now)."""
+        grow = new_p > self.p
+        self.p_target = new_p
+        if grow.any():
+            self.p = np.where(grow, new_p, self.p)
+            self._masks()
+        shrink = new_p < self.p
+        self.next_sync = np.where(shrink, step + 1, self.next_sync)
+
+    # -- data ------------------------------------------------------------------------------
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for r, gen in zip(self.ranks, self.gens):
+            x, y = self.task.shards[r]
+            i = torch.randint(0, len(x), (self.train.batch_size,), generator=gen)
+            xs.append(x[i])
+            ys.append(y[i])
+        return torch.stack(xs).to(self.device), torch.stack(ys).to(self.device)
+
+    # -- health ----------------------------------------------------------------------------
+    def _bad_rows(self, buf: torch.Tensor) -> torch.Tensor:
+        return (~torch.isfinite(buf)).any(1)
+
+    def _flags(self, buf: torch.Tensor) -> torch.Tensor:
+        """(W, K) one-hot of this process's rows whose ``buf`` row is not finite."""
+        flags = torch.zeros(self.W, self.K, device=self.device)
+        flags[torch.arange(self.W, device=self.device), self.comm.ranks] = self._bad_rows(buf).float()
+        return flags
+
+    def _start(self, buf: torch.Tensor, step: int, kind: str, control: int, overlapped: bool):
+        return self.comm.start_sum(torch.cat([buf, self._flags(buf)], 1), step=step, kind=kind,
+                                   control=control + self.K, overlapped=overlapped)
+
+    def _healthy_mean(self, buf: torch.Tensor, summed: torch.Tensor, step: int, kind: str,
+                      control: int) -> tuple[torch.Tensor, int]:
+        """Mean over workers of ``buf`` (W, n) from its flagged sum; a non-finite worker is left
+        out (the sum is redone without it), repaired from the others and reported."""
+        bad = summed[0, -self.K:]
+        n_bad = int((bad > 0).sum())  # one host read, where the step must know anyway
+        if n_bad:
+            if n_bad == self.K:
+                raise FloatingPointError(f"step {step}: every worker's {kind} is non-finite")
+            self.alarms.append(dict(step=step, kind=kind, ranks=bad.nonzero().squeeze(1).tolist()))
+            rows = self._bad_rows(buf)[:, None]
+            summed = self.comm.all_sum(torch.where(rows, 0.0, buf), step=step, kind="repair",
+                                       control=control)
+            self._repair(step, rows)
+        return summed[:, : buf.shape[1]] / (self.K - n_bad), self.K - n_bad
+
+    def _repair(self, step: int, rows: torch.Tensor) -> None:
+        """Give non-finite rows the healthy workers' mean weights and momentum."""
+        state = torch.cat([self.theta, self.mom], 1)
+        bad = rows | self._bad_rows(state)[:, None]
+        summed = self.comm.all_sum(torch.cat([torch.where(bad, 0.0, state), (~bad).float()], 1),
+                                   step=step, kind="repair", control=1)
+        fixed = torch.where(bad, summed[:, :-1] / summed[:, -1:], state)
+        self.theta.copy_(fixed[:, : self.model.n])
+        self.mom.copy_(fixed[:, self.model.n:])
+
+    # -- reconciliation ----------------------------------------------------------------------
+    def _launch(self, step: int, due: np.ndarray, overlapped: bool, ctrl: torch.Tensor | None = None) -> None:
+        regions = np.flatnonzero(due)
+        idx = torch.cat([self.sidx[r] for r in regions])
+        seg = torch.cat([torch.full((len(self.sidx[r]),), i, device=self.device)
+                         for i, r in enumerate(regions)])
+        payload = self.theta[:, idx] if ctrl is None else torch.cat([self.theta[:, idx], ctrl], 1)
+        n_ctrl = 0 if ctrl is None else ctrl.shape[1]
+        if ctrl is not None:
+            self.ctrl_wanted = False
+        self.pending = dict(regions=regions, idx=idx, seg=seg, step=step, payload=payload, n_ctrl=n_ctrl,
+                            handle=self._start(payload, step, "weights", n_ctrl, overlapped))
+        self.next_sync[regions] = step + 1 + self.period[regions]
+
+    def _reconcile(self, step: int, computed: bool) -> torch.Tensor:
+        """Adopt the in-flight average; return (W,) rows whose speculative outputs must be redone."""
+        pend, self.pending = self.pending, None
+        regions, idx, seg = pend["regions"], pend["idx"], pend["seg"]
+        n, nr = len(idx), len(regions)
+        mean, _ = self._healthy_mean(pend["payload"], pend["handle"].wait(), pend["step"], "weights",
+                                     pend["n_ctrl"])
+        mean_w = mean[0, :n]
+        local = self.theta[:, idx]  # what this step computed with
+        d2 = torch.zeros(self.W, nr, device=self.device).index_add_(1, seg, (local - mean_w) ** 2)
+        m2 = torch.zeros(nr, device=self.device).index_add_(0, seg, mean_w * mean_w).clamp_min(1e-30)
+        roll = ~((d2 / m2).sqrt() < self.cfg.reconcile_threshold)  # relative RMSE; NaN rolls back
+        redo = roll.any(1) if computed else torch.zeros(self.W, dtype=torch.bool, device=self.device)
+        # outer step on the pseudo-gradient anchor - mean (lr 1, momentum 0: plain averaging)
+        delta = self.anchor[idx] - mean_w
+        self.outer_buf[idx] = self.cfg.outer_momentum * self.outer_buf[idx] + delta
+        self.anchor[idx] -= self.cfg.outer_lr * (delta + self.cfg.outer_momentum * self.outer_buf[idx])
+        self.theta[:, idx] = self.anchor[idx]
+        if pend["n_ctrl"]:
+            self._apply_control(mean[0, n:], step)
+        target = self.p_target
+        if target is not None and (target[regions] < self.p[regions]).any():
+            self.p[regions] = np.minimum(self.p[regions], target[regions])
+            self._masks()
+        if computed:
+            self._last_rollbacks = int(roll.sum())  # the reconciliation's one host read
+            self._last_reconciled = nr * self.W
+        return redo
+
+    # -- one step --------------------------------------------------------------------------
+    def _control(self, loss: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Per worker: count sketch of the gradient per region, its squared norm, the loss."""
+        m = self.cfg.sketch
+        s = torch.zeros(self.W, self.R * m, device=self.device).index_add_(1, self.bucket, g * self.sign)
+        s2 = s.view(self.W, self.R, m).pow(2).sum(2)
+        return torch.cat([s, s2, loss[:, None]], 1)
+
+    def _apply_control(self, c: torch.Tensor, t: int) -> None:
+        """Feed the workers' mean control vector to the Region Manager and the schedule."""
+        self.ctrl_wanted = False
+        cfg, m = self.cfg, self.cfg.sketch
+        stats = self.manager.observe(c[: self.R * m].view(self.R, m), c[self.R * m: self.R * m + self.R],
+                                     float(c[-1]))
+        if cfg.adaptive:
+            self._set_p(self.manager.decide(stats), t)
+        if cfg.adapt_period and np.isfinite(stats.loss):  # AdaComm: sqrt(loss / first loss)
+            self.loss0 = self.loss0 or max(stats.loss, 1e-12)
+            scale = np.sqrt(max(stats.loss, 0.0) / self.loss0)
+            self.period[:] = int(np.clip(np.ceil(cfg.period * scale), 1, cfg.period))
+
+    def step(self, t: int) -> dict:
+        cfg = self.cfg
+        if t == cfg.warmup and cfg.warmup:
+            self._set_p(self.manager.p.copy(), t)
+        x, y = self.batch()
+        redo = None
+        if self.pending is not None and not cfg.speculate:
+            self._reconcile(t, computed=False)
+        tagged = self.pending is not None  # computed on weights whose average is still in flight
+        loss, g = self.model.loss_and_grad(self.theta, x, y)
+        self._last_rollbacks = self._last_reconciled = 0
+        if self.pending is not None:
+            redo = self._reconcile(t, computed=True)
+            if bool(redo.any()):
+                loss2, g2 = self.model.loss_and_grad(self.theta, x, y)
+                loss = torch.where(redo, loss2, loss)
+                g = torch.where(redo[:, None], g2, g)
+        if cfg.control_every and t % cfg.control_every == 0 and t >= cfg.warmup:
+            self.ctrl_wanted = True  # rides on the next collective, so it adds no latency
+        due = (self.next_sync <= t + 1) & np.array([len(s) > 0 for s in self.sidx])
+        ng = len(self.gidx)
+        ctrl = self._control(loss, g) if self.ctrl_wanted and (ng or due.any()) else None
+        if ng:
+            buf = g[:, self.gidx] if ctrl is None else torch.cat([g[:, self.gidx], ctrl], 1)
+            n_ctrl = 0 if ctrl is None else ctrl.shape[1]
+            # a gradient all-reduce overlaps the backward pass, as DDP's buckets do
+            mean, _ = self._healthy_mean(buf, self._start(buf, t, "grad", n_ctrl, True).wait(), t, "grad", n_ctrl)
+            g[:, self.gidx] = mean[:, :ng]
+            if ctrl is not None:
+                self._apply_control(mean[0, ng:], t)
+                ctrl = None
+        self.mom.mul_(self.train.momentum).add_(g)
+        self.theta.sub_(self.train.lr * self.mom)
+        if due.any():
+            self._launch(t, due, overlapped=cfg.speculate, ctrl=ctrl)
+        return dict(loss=loss.detach(), tagged=tagged, redo=redo)
+
+    def average(self, step: int) -> torch.Tensor:
+        """The workers' averaged weights (N,), for evaluation (logged as ``eval`` traffic)."""
+        if self.W == self.K and isinstance(self.comm, SimComm):
+            self.comm._record(self.theta, step, "eval", 0, False)
+            return self.theta.mean(0)
+        return self.comm.all_sum(self.theta, step=step, kind="eval")[0] / self.K
+
+    def finish(self, step: int) -> None:
+        """Reconcile what is in flight, then average every speculative weight: one consensus model."""
+        if self.pending is not None:
+            self._reconcile(step, computed=False)
+        due = np.array([len(s) > 0 for s in self.sidx])
+        if due.any():
+            self._launch(step, due, overlapped=False)
+            self._reconcile(step, computed=False)
+
+
+def train(task: Task, config: SpecConfig = SpecConfig(), train: TrainConfig = TrainConfig(), *,
+          comm: _Comm | None = None, device: torch.device | str | None = None, eval_every: int = 10,
+          method: str = "speculative", on_step: Callable[[int, Engine], bool | None] | None = None,
+          progress: bool = False) -> RunResult:
+    """Train ``task`` over its workers with ``config``; return the :class:`RunResult`.
+
+    Args:
+        comm: ``SimComm(K)`` (default: all K workers in this process) or ``DistComm()`` inside a
+            worker started by :func:`adaptive_kit.distributed.launch` or ``torchrun``.
+        eval_every: steps between test evaluations of the averaged model (and after the last).
+        on_step: called after every step with ``(step, engine)``; return True to stop early.
+
+    Raises:
+        ValueError: an argument is invalid (the message names it).
+        FloatingPointError: every worker went non-finite at once.
+    """
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"eval_every must be an int >= 1, got {eval_every!r}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    comm = comm or SimComm(task.workers, device)
+    eng = Engine(task, config, train, comm, device)
+    xt, yt = task.test[0].to(device), task.test[1].to(device)
+    compute_s = _calibrate(eng)
+    steps = train.steps
+    losses = torch.zeros(steps, device=device)
+    redo_n = torch.zeros(steps, device=device)
+    tagged = np.zeros(steps, dtype=bool)
+    rollbacks = np.zeros(steps, dtype=int)
+    reconciled = np.zeros(steps, dtype=int)
+    p_hist = np.zeros((steps, eng.R))
+    evals = []
+    t0 = time.perf_counter()
+    last = steps - 1
+    for t in tqdm(range(steps), desc=method, disable=not progress, leave=False):
+        out = eng.step(t)
+        losses[t] = out["loss"].mean()
+        if out["redo"] is not None:
+            redo_n[t] = out["redo"].sum()
+        tagged[t] = out["tagged"]
+        rollbacks[t], reconciled[t] = eng._last_rollbacks, eng._last_reconciled
+        p_hist[t] = eng.p
+        stop = bool(on_step(t, eng)) if on_step is not None else False
+        if stop or t == steps - 1:
+            last = t
+            eng.finish(t)
+        if t % eval_every == 0 or t == last:
+            evals.append((t, *eng.model.evaluate(eng.average(t), xt, yt)))
+        if stop:
+            break
+    wall = time.perf_counter() - t0
+    n = last + 1
+    log = [c for c in comm.log if c.step < n]
+    step_bytes = np.zeros((n, 2), dtype=np.int64)
+    for c in log:
+        if c.kind != "eval":
+            step_bytes[c.step] += (c.payload_bytes, c.control_bytes)
+    history = pd.DataFrame(dict(step=np.arange(n), loss=losses[:n].cpu().numpy(), tagged=tagged[:n],
+                                rollbacks=rollbacks[:n], reconciled=reconciled[:n],
+                                recomputes=redo_n[:n].cpu().numpy().astype(int),
+                                payload_bytes=step_bytes[:, 0], control_bytes=step_bytes[:, 1]))
+    return RunResult(method, eng.K, eng.manager.names, history,
+                     pd.DataFrame(evals, columns=["step", "test_loss", "test_accuracy"]), p_hist[:n], log,
+                     compute_s, wall, eng.alarms, eng.theta[0].cpu())
+
+
+def _calibrate(eng: Engine, reps: int = 5) -> float:
+    """Median seconds of one worker's forward + backward (the network model's compute time)."""
+    gen_state = [g.get_state() for g in eng.gens]
+    x, y = eng.batch()
+    for g, s in zip(eng.gens, gen_state):
+        g.set_state(s)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        loss, _ = eng.model.loss_and_grad(eng.theta[:1], x[:1], y[:1])
+        float(loss[0])
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def worker(rank: int, world: int, task: Task, config: SpecConfig, train_config: TrainConfig,
+           eval_every: int = 10, method: str = "speculative") -> RunResult:
+    """One rank of :func:`train` under torch.distributed (for ``launch`` or ``torchrun``).
+
+    ``adaptive_kit.distributed.launch(worker, K, (task, config, train_config))`` trains with real
+    collectives (gloo on CPU, nccl on GPUs) and returns every rank's :class:`RunResult`.
+    """
+    from ..distributed import worker_device
+    from .comm import DistComm
+
+    device = worker_device()
+    return train(task, config, train_config, comm=DistComm(device), device=device,
+                 eval_every=eval_every, method=method)
