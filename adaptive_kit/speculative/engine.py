@@ -77,9 +77,11 @@ class SpecConfig:
     outer_lr: float = 1.0  # outer step on the averaged pseudo-gradient (DiLoCo: 0.7)
     outer_momentum: float = 0.0  # its Nesterov momentum (DiLoCo: 0.9)
     sketch: int = 16  # count-sketch buckets per region for the control statistics
+    health_every: int = 32  # steps between reads of the workers' non-finite flags (and repairs)
 
     def __post_init__(self) -> None:
-        for name, lo in (("period", 1), ("control_every", 0), ("warmup", 0), ("sketch", 1)):
+        for name, lo in (("period", 1), ("control_every", 0), ("warmup", 0), ("sketch", 1),
+                         ("health_every", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"SpecConfig.{name} must be an int >= {lo}, got {v!r}")
@@ -243,6 +245,8 @@ class Engine:
         self.p_target: np.ndarray | None = None
         self.loss0 = 0.0
         self.ctrl_wanted = False
+        self._seen = torch.zeros(self.K, dtype=torch.bool, device=device)  # flagged since last check
+        self._flag_log: list[tuple[int, str, torch.Tensor]] = []
         self._last_rollbacks = self._last_reconciled = 0
         self.alarms: list[dict] = []
         self.ranks = comm.ranks.tolist()
@@ -287,34 +291,53 @@ class Engine:
         return flags
 
     def _start(self, buf: torch.Tensor, step: int, kind: str, control: int, overlapped: bool):
-        return self.comm.start_sum(torch.cat([buf, self._flags(buf)], 1), step=step, kind=kind,
+        """Launch the sum of ``buf``; a non-finite row sends zeros and raises its health flag."""
+        flags = self._flags(buf)
+        clean = torch.where(flags.sum(1, keepdim=True) > 0, 0.0, buf)
+        return self.comm.start_sum(torch.cat([clean, flags], 1), step=step, kind=kind,
                                    control=control + self.K, overlapped=overlapped)
 
-    def _healthy_mean(self, buf: torch.Tensor, summed: torch.Tensor, step: int, kind: str,
-                      control: int) -> tuple[torch.Tensor, int]:
-        """Mean over workers of ``buf`` (W, n) from its flagged sum; a non-finite worker is left
-        out (the sum is redone without it), repaired from the others and reported."""
-        bad = summed[0, -self.K:]
-        n_bad = int((bad > 0).sum())  # one host read, where the step must know anyway
-        if n_bad:
-            if n_bad == self.K:
-                raise FloatingPointError(f"step {step}: every worker's {kind} is non-finite")
-            self.alarms.append(dict(step=step, kind=kind, ranks=bad.nonzero().squeeze(1).tolist()))
-            rows = self._bad_rows(buf)[:, None]
-            summed = self.comm.all_sum(torch.where(rows, 0.0, buf), step=step, kind="repair",
-                                       control=control)
-            self._repair(step, rows)
-        return summed[:, : buf.shape[1]] / (self.K - n_bad), self.K - n_bad
+    def _healthy_mean(self, buf: torch.Tensor, summed: torch.Tensor, step: int, kind: str) -> torch.Tensor:
+        """Mean over the healthy workers of ``buf`` (W, n), from its flagged sum, on device.
 
-    def _repair(self, step: int, rows: torch.Tensor) -> None:
-        """Give non-finite rows the healthy workers' mean weights and momentum."""
+        A flagged worker contributed zeros, so it never reaches the average; the flags are kept
+        on device and read at the next :meth:`_check_health`, not now (no host sync per step).
+        """
+        flags = summed[0, -self.K:] > 0
+        self._flag_log.append((step, kind, flags))
+        self._seen = self._seen | flags
+        return summed[:, : buf.shape[1]] / (self.K - flags.sum()).clamp_min(1)
+
+    def _check_health(self, step: int) -> None:
+        """Report flagged workers and give them the healthy workers' mean weights and momentum.
+
+        Every rank reads the same all-reduced flags, so all take part in the repair together.
+
+        Raises:
+            FloatingPointError: every worker was flagged.
+        """
+        if not bool(self._seen.any()):  # one host read per check
+            self._flag_log.clear()
+            return
+        runs: dict[tuple[str, tuple[int, ...]], dict] = {}  # one alarm per kind and set of ranks
+        for when, kind, flags in self._flag_log:
+            ranks = tuple(flags.nonzero().squeeze(1).tolist())
+            if ranks:
+                run = runs.setdefault((kind, ranks), dict(step=when, last=when, kind=kind,
+                                                          ranks=list(ranks), count=0))
+                run["last"], run["count"] = when, run["count"] + 1
+        self.alarms.extend(runs.values())
+        if bool(self._seen.all()):
+            raise FloatingPointError(f"step {step}: every worker went non-finite ({self.alarms[-1]})")
         state = torch.cat([self.theta, self.mom], 1)
-        bad = rows | self._bad_rows(state)[:, None]
+        bad = (self._seen[self.comm.ranks] | self._bad_rows(state))[:, None]
         summed = self.comm.all_sum(torch.cat([torch.where(bad, 0.0, state), (~bad).float()], 1),
                                    step=step, kind="repair", control=1)
         fixed = torch.where(bad, summed[:, :-1] / summed[:, -1:], state)
         self.theta.copy_(fixed[:, : self.model.n])
         self.mom.copy_(fixed[:, self.model.n:])
+        self._seen = torch.zeros_like(self._seen)
+        self._flag_log.clear()
 
     # -- reconciliation ----------------------------------------------------------------------
     def _launch(self, step: int, due: np.ndarray, overlapped: bool, ctrl: torch.Tensor | None = None) -> None:
@@ -335,8 +358,7 @@ class Engine:
         pend, self.pending = self.pending, None
         regions, idx, seg = pend["regions"], pend["idx"], pend["seg"]
         n, nr = len(idx), len(regions)
-        mean, _ = self._healthy_mean(pend["payload"], pend["handle"].wait(), pend["step"], "weights",
-                                     pend["n_ctrl"])
+        mean = self._healthy_mean(pend["payload"], pend["handle"].wait(), pend["step"], "weights")
         mean_w = mean[0, :n]
         local = self.theta[:, idx]  # what this step computed with
         d2 = torch.zeros(self.W, nr, device=self.device).index_add_(1, seg, (local - mean_w) ** 2)
@@ -406,13 +428,15 @@ class Engine:
             buf = g[:, self.gidx] if ctrl is None else torch.cat([g[:, self.gidx], ctrl], 1)
             n_ctrl = 0 if ctrl is None else ctrl.shape[1]
             # a gradient all-reduce overlaps the backward pass, as DDP's buckets do
-            mean, _ = self._healthy_mean(buf, self._start(buf, t, "grad", n_ctrl, True).wait(), t, "grad", n_ctrl)
+            mean = self._healthy_mean(buf, self._start(buf, t, "grad", n_ctrl, True).wait(), t, "grad")
             g[:, self.gidx] = mean[:, :ng]
             if ctrl is not None:
                 self._apply_control(mean[0, ng:], t)
                 ctrl = None
         self.mom.mul_(self.train.momentum).add_(g)
         self.theta.sub_(self.train.lr * self.mom)
+        if redo is not None or t % cfg.health_every == cfg.health_every - 1:
+            self._check_health(t)  # at steps every rank shares: reconciliations and a fixed beat
         if due.any():
             self._launch(t, due, overlapped=cfg.speculate, ctrl=ctrl)
         return dict(loss=loss.detach(), tagged=tagged, redo=redo)
@@ -428,6 +452,7 @@ class Engine:
         """Reconcile what is in flight, then average every speculative weight: one consensus model."""
         if self.pending is not None:
             self._reconcile(step, computed=False)
+        self._check_health(step)
         due = np.array([len(s) > 0 for s in self.sidx])
         if due.any():
             self._launch(step, due, overlapped=False)
