@@ -111,3 +111,72 @@ if __name__ == "__main__":
                      f"torchrun={os.environ.get('TORCHELASTIC_RUN_ID') is not None};\n")
     sys.stdout.flush()
     sys.exit(0)
+
+
+# --- speculative training ---------------------------------------------------------------------
+
+def _tally_all_reduce() -> tuple[list[int], object]:
+    """Replace ``dist.all_reduce`` in this process by a pass-through that records the bytes of
+    every tensor it reduces; return the tally and the original, to restore."""
+    tally: list[int] = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        tally.append(tensor.numel() * tensor.element_size())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    return tally, original
+
+
+def speculative_jobs(rank: int, world_size: int, task, jobs: list[tuple]) -> list[dict]:
+    """Run ``jobs`` in order on this rank, each on the same process group.
+
+    A job is ``("ours", config, train_config)``: :func:`adaptive_kit.speculative.train` with real
+    collectives, optionally ``("ours", config, train_config, nan_rank, nan_step)`` to poison
+    ``nan_rank``'s weights after step ``nan_step``; or ``("torch", method, train_config, period,
+    warmup)``: torch's own DDP / model averaging. Each result says how many bytes went through
+    ``dist.all_reduce`` while it ran.
+    """
+    from adaptive_kit.speculative import DistComm, torch_worker, train
+
+    out = []
+    for job in jobs:
+        tally, original = _tally_all_reduce()
+        try:
+            if job[0] == "torch":
+                _, method, train_config, period, warmup = job
+                res = {"theta": torch_worker(rank, world_size, task, method, train_config, period, warmup)}
+            else:
+                _, config, train_config, *poison = job
+
+                def on_step(step, engine, poison=poison):
+                    if poison and rank == poison[0] and step == poison[1]:
+                        engine.theta[0, :5] = float("nan")  # this process holds one row: its rank's
+                    return None
+
+                result = train(task, config, train_config, comm=DistComm(), on_step=on_step)
+                res = {"result": result}
+        finally:
+            dist.all_reduce = original
+        res["all_reduce_bytes"] = sum(tally)
+        res["all_reduce_calls"] = len(tally)
+        out.append(res)
+    return out
+
+
+def speculative_fails(rank: int, world_size: int, task, train_config, bad_rank: int, how: str,
+                      marker_dir: str) -> None:
+    """Rank ``bad_rank`` raises (``how="raise"``) or hangs (``"hang"``) after its second step;
+    the others block in the next collective."""
+    from adaptive_kit.speculative import DistComm, ddp, train
+
+    def on_step(step, engine):
+        if rank == bad_rank and step == 1:
+            _mark(marker_dir, rank)
+            if how == "raise":
+                raise RuntimeError(f"injected failure in rank {rank} at step {step}")
+            time.sleep(600)
+        return None
+
+    train(task, ddp(), train_config, comm=DistComm(), on_step=on_step)

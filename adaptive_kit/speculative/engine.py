@@ -408,6 +408,7 @@ class Engine:
             self._set_p(self.manager.p.copy(), t)
         x, y = self.batch()
         redo = None
+        reconciled = self.pending is not None
         if self.pending is not None and not cfg.speculate:
             self._reconcile(t, computed=False)
         tagged = self.pending is not None  # computed on weights whose average is still in flight
@@ -435,7 +436,7 @@ class Engine:
                 ctrl = None
         self.mom.mul_(self.train.momentum).add_(g)
         self.theta.sub_(self.train.lr * self.mom)
-        if redo is not None or t % cfg.health_every == cfg.health_every - 1:
+        if reconciled or t % cfg.health_every == cfg.health_every - 1:
             self._check_health(t)  # at steps every rank shares: reconciliations and a fixed beat
         if due.any():
             self._launch(t, due, overlapped=cfg.speculate, ctrl=ctrl)
