@@ -177,7 +177,10 @@ def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
                 take(0.05)
                 if len(errors) + len(done) == before:
                     break
-            first = min(errors, key=lambda r: ("died without" not in errors[r], r))
+            # a dead process first, else the first error to arrive: a peer's collective fails
+            # ("Connection closed by peer") only after the rank that raised has gone
+            order = {r: i for i, r in enumerate(errors)}
+            first = min(errors, key=lambda r: ("died without" not in errors[r], order[r]))
             others = sorted(set(errors) - {first})
             msg = f"worker rank {first} failed:\n{errors[first]}"
             if others:

@@ -100,18 +100,6 @@ def telemetry_worker(rank: int, world_size: int, address: str, steps: int) -> di
     sink.close()
     return {"rank": rank, "sent": sink.seq, "bytes": sink.bytes}
 
-if __name__ == "__main__":
-    # Under torchrun: each process runs its own rank and checks the sum of 1..WORLD_SIZE.
-    results = run(allreduce_worker, 2, (1.0,))
-    (res,) = results
-    expected = res["world_size"] * (res["world_size"] + 1) / 2
-    assert res["sum"] == expected, (res, expected)
-    # one write per line: the ranks share the launcher's stdout
-    sys.stdout.write(f"RESULT rank={res['rank']} world_size={res['world_size']} sum={res['sum']:g} "
-                     f"torchrun={os.environ.get('TORCHELASTIC_RUN_ID') is not None};\n")
-    sys.stdout.flush()
-    sys.exit(0)
-
 
 # --- speculative training ---------------------------------------------------------------------
 
@@ -130,33 +118,38 @@ def _tally_all_reduce() -> tuple[list[int], object]:
 
 
 def speculative_jobs(rank: int, world_size: int, task, jobs: list[tuple]) -> list[dict]:
-    """Run ``jobs`` in order on this rank, each on the same process group.
+    """Run ``jobs`` in order on this rank, one after another on the same process group.
 
-    A job is ``("ours", config, train_config)``: :func:`adaptive_kit.speculative.train` with real
-    collectives, optionally ``("ours", config, train_config, nan_rank, nan_step)`` to poison
-    ``nan_rank``'s weights after step ``nan_step``; or ``("torch", method, train_config, period,
-    warmup)``: torch's own DDP / model averaging. Each result says how many bytes went through
-    ``dist.all_reduce`` while it ran.
+    A job is one of
+
+    * ``("worker", config, train_config)``: :func:`adaptive_kit.speculative.worker`, the entry
+      point the notebook and ``torchrun`` use;
+    * ``("ours", config, train_config, nan_rank, nan_step)``: :func:`adaptive_kit.speculative.train`
+      on :class:`~adaptive_kit.speculative.DistComm`, with ``nan_rank``'s weights poisoned after
+      step ``nan_step``;
+    * ``("torch", method, train_config, period, warmup)``: torch's own DDP or model averaging.
+
+    Each result also says how many bytes went through ``dist.all_reduce`` while the job ran.
     """
-    from adaptive_kit.speculative import DistComm, torch_worker, train
+    from adaptive_kit.speculative import DistComm, torch_worker, train, worker
 
     out = []
-    for job in jobs:
+    for kind, *args in jobs:
         tally, original = _tally_all_reduce()
         try:
-            if job[0] == "torch":
-                _, method, train_config, period, warmup = job
+            if kind == "torch":
+                method, train_config, period, warmup = args
                 res = {"theta": torch_worker(rank, world_size, task, method, train_config, period, warmup)}
+            elif kind == "worker":
+                res = {"result": worker(rank, world_size, task, *args)}
             else:
-                _, config, train_config, *poison = job
+                config, train_config, nan_rank, nan_step = args
 
-                def on_step(step, engine, poison=poison):
-                    if poison and rank == poison[0] and step == poison[1]:
+                def on_step(step, engine, nan_rank=nan_rank, nan_step=nan_step):
+                    if rank == nan_rank and step == nan_step:
                         engine.theta[0, :5] = float("nan")  # this process holds one row: its rank's
-                    return None
 
-                result = train(task, config, train_config, comm=DistComm(), on_step=on_step)
-                res = {"result": result}
+                res = {"result": train(task, config, train_config, comm=DistComm(), on_step=on_step)}
         finally:
             dist.all_reduce = original
         res["all_reduce_bytes"] = sum(tally)
@@ -167,8 +160,8 @@ def speculative_jobs(rank: int, world_size: int, task, jobs: list[tuple]) -> lis
 
 def speculative_fails(rank: int, world_size: int, task, train_config, bad_rank: int, how: str,
                       marker_dir: str) -> None:
-    """Rank ``bad_rank`` raises (``how="raise"``) or hangs (``"hang"``) after its second step;
-    the others block in the next collective."""
+    """Rank ``bad_rank`` raises (``how="raise"``) or hangs (``"hang"``) after its second step of
+    DDP-style training; the others wait for it in the next gradient all-reduce."""
     from adaptive_kit.speculative import DistComm, ddp, train
 
     def on_step(step, engine):
@@ -177,6 +170,18 @@ def speculative_fails(rank: int, world_size: int, task, train_config, bad_rank: 
             if how == "raise":
                 raise RuntimeError(f"injected failure in rank {rank} at step {step}")
             time.sleep(600)
-        return None
 
     train(task, ddp(), train_config, comm=DistComm(), on_step=on_step)
+
+
+if __name__ == "__main__":
+    # Under torchrun: each process runs its own rank and checks the sum of 1..WORLD_SIZE.
+    results = run(allreduce_worker, 2, (1.0,))
+    (res,) = results
+    expected = res["world_size"] * (res["world_size"] + 1) / 2
+    assert res["sum"] == expected, (res, expected)
+    # one write per line: the ranks share the launcher's stdout
+    sys.stdout.write(f"RESULT rank={res['rank']} world_size={res['world_size']} sum={res['sum']:g} "
+                     f"torchrun={os.environ.get('TORCHELASTIC_RUN_ID') is not None};\n")
+    sys.stdout.flush()
+    sys.exit(0)

@@ -375,7 +375,11 @@ class Engine:
         target = self.p_target
         if target is not None and (target[regions] < self.p[regions]).any():
             self.p[regions] = np.minimum(self.p[regions], target[regions])
+            was = self.spec
             self._masks()
+            # weights turning Global were just averaged, but their local momentum differs per
+            # worker: left alone, the same averaged gradient would move them apart again
+            self.mom[:, was & ~self.spec] = 0.0
         if computed:
             self._last_rollbacks = int(roll.sum())  # the reconciliation's one host read
             self._last_reconciled = nr * self.W
@@ -451,10 +455,12 @@ class Engine:
 
     def finish(self, step: int) -> None:
         """Reconcile what is in flight, then average every speculative weight: one consensus model."""
+        done = np.zeros(self.R, dtype=bool)
         if self.pending is not None:
-            self._reconcile(step, computed=False)
+            done[self.pending["regions"]] = True  # already one model: a second average would only
+            self._reconcile(step, computed=False)  # cost bytes (and, with outer momentum, move it)
         self._check_health(step)
-        due = np.array([len(s) > 0 for s in self.sidx])
+        due = np.array([len(s) > 0 for s in self.sidx]) & ~done
         if due.any():
             self._launch(step, due, overlapped=False)
             self._reconcile(step, computed=False)

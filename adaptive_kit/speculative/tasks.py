@@ -12,6 +12,12 @@ from ..training import mlp
 from .engine import Task
 
 
+def _check_sizes(fn: str, **sizes: int) -> None:
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{fn}({name}={v!r}): expected an int >= 1")
+
+
 def digits_task(workers: int = 8, alpha: float = 0.1, hidden: tuple[int, ...] = (128, 128),
                 seed: int = 0) -> Task:
     """scikit-learn's digits, an MLP, and Dirichlet(``alpha``) label shards, one per worker.
@@ -19,6 +25,7 @@ def digits_task(workers: int = 8, alpha: float = 0.1, hidden: tuple[int, ...] = 
     Raises:
         ValueError: ``workers`` < 1 or ``alpha`` <= 0 (named in the message).
     """
+    _check_sizes("digits_task", workers=workers)
     split = datasets.digits(seed=seed)
     parts = datasets.dirichlet_split(split.y_train, workers, alpha, seed=seed, min_size=8)
     shards = [(split.x_train[i], split.y_train[i]) for i in parts]
@@ -60,8 +67,8 @@ def sequence_task(workers: int = 8, alpha: float = 0.1, chains: int = 4, vocab: 
     Raises:
         ValueError: a size < 1 or ``alpha`` <= 0 (named in the message).
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"sequence_task(workers={workers!r}): expected an int >= 1")
+    _check_sizes("sequence_task", workers=workers, chains=chains, vocab=vocab, seq_len=seq_len,
+                 per_worker=per_worker)
     if not alpha > 0:
         raise ValueError(f"sequence_task(alpha={alpha!r}): expected > 0")
     n_test = 128
