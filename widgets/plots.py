@@ -14,9 +14,10 @@ def bar(categories: Sequence[str], values: Sequence[float], *, title: str = "", 
     cats = [str(c) for c in categories]
     src = ColumnDataSource({"x": cats, "y": list(values),
                             "color": [Category10_10[i % 10] for i in range(len(cats))]})
+    # a log axis needs an explicit range; a linear one keeps bokeh's automatic range
+    extra = {"y_range": (min(v for v in values if v > 0) / 2, max(values) * 2)} if y_log else {}
     fig = figure(x_range=cats, title=title, width=width, height=height, y_axis_label=y_label,
-                 y_axis_type="log" if y_log else "linear", tools="save",
-                 y_range=(min(v for v in values if v > 0) / 2, max(values) * 2) if y_log else None)
+                 y_axis_type="log" if y_log else "linear", tools="save", **extra)
     fig.vbar(x="x", top="y", width=0.7, color="color", source=src, bottom=0.001 if y_log else 0)
     fig.add_tools(HoverTool(tooltips=[("", "@x"), (y_label or "value", "@y{0,0.[000]}")]))
     return fig

@@ -197,17 +197,22 @@ class RunResult:
         n = self.history["reconciled"].sum()
         return float(self.history["rollbacks"].sum() / n) if n else 0.0
 
-    def simulated_time(self, net: str) -> np.ndarray:
-        """Cumulative simulated seconds per step on network profile ``net``."""
-        return simulated_time(self.log, len(self.history), self.workers, self.compute_s,
+    def simulated_time(self, net: str, compute_s: float | None = None) -> np.ndarray:
+        """Cumulative simulated seconds per step on network profile ``net``.
+
+        ``compute_s`` overrides the measured per-step compute time: pass one value to every run
+        you compare, so that timing noise on a busy machine does not decide the comparison.
+        """
+        return simulated_time(self.log, len(self.history), self.workers,
+                              self.compute_s if compute_s is None else compute_s,
                               (self.history["recomputes"] > 0).to_numpy(), net)
 
-    def time_to(self, target: float, net: str) -> float:
+    def time_to(self, target: float, net: str, compute_s: float | None = None) -> float:
         """Simulated seconds until the test loss first reaches ``target`` (inf if never)."""
         hit = self.evals[self.evals["test_loss"] <= target]
         if hit.empty:
             return float("inf")
-        return float(self.simulated_time(net)[int(hit["step"].iloc[0])])
+        return float(self.simulated_time(net, compute_s)[int(hit["step"].iloc[0])])
 
 
 class Engine:
@@ -444,7 +449,9 @@ class Engine:
             self._check_health(t)  # at steps every rank shares: reconciliations and a fixed beat
         if due.any():
             self._launch(t, due, overlapped=cfg.speculate, ctrl=ctrl)
-        return dict(loss=loss.detach(), tagged=tagged, redo=redo)
+        # what the step produced, for on_step callbacks: loss stays on device (W,)
+        self.last = dict(loss=loss.detach(), tagged=tagged, redo=redo, rollbacks=self._last_rollbacks)
+        return self.last
 
     def average(self, step: int) -> torch.Tensor:
         """The workers' averaged weights (N,), for evaluation (logged as ``eval`` traffic)."""
@@ -531,19 +538,20 @@ def train(task: Task, config: SpecConfig = SpecConfig(), train: TrainConfig = Tr
                      compute_s, wall, eng.alarms, eng.theta[0].cpu())
 
 
-def _calibrate(eng: Engine, reps: int = 5) -> float:
-    """Median seconds of one worker's forward + backward (the network model's compute time)."""
+def _calibrate(eng: Engine, warmup: int = 3, reps: int = 7) -> float:
+    """Fastest of ``reps`` timings of one worker's forward + backward (the network model's compute
+    time), after ``warmup`` untimed ones: the minimum is the least disturbed by other load."""
     gen_state = [g.get_state() for g in eng.gens]
     x, y = eng.batch()
     for g, s in zip(eng.gens, gen_state):
         g.set_state(s)
     times = []
-    for _ in range(reps + 1):
+    for _ in range(warmup + reps):
         t0 = time.perf_counter()
         loss, _ = eng.model.loss_and_grad(eng.theta[:1], x[:1], y[:1])
         float(loss[0])
         times.append(time.perf_counter() - t0)
-    return float(np.median(times[1:]))
+    return float(min(times[warmup:]))
 
 
 def worker(rank: int, world: int, task: Task, config: SpecConfig, train_config: TrainConfig,
