@@ -1,5 +1,6 @@
 """What every benchmark shares: its command line (--quick, --json, --threads) and the machine."""
 import argparse
+import math
 import os
 import platform
 
@@ -44,3 +45,16 @@ def parse_args(description: str, quick_help: str, argv: list[str] | None = None)
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
+
+
+def jsonable(o):
+    """Plain JSON for --json: numpy scalars to Python, NaN and inf to None."""
+    if isinstance(o, dict):
+        return {str(k): jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [jsonable(v) for v in o]
+    if hasattr(o, "item") and not isinstance(o, (str, bytes)):
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o

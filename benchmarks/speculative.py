@@ -66,7 +66,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from machine import describe, parse_args
+from machine import describe, jsonable, parse_args
 from tqdm.auto import tqdm
 
 from adaptive_kit import speculative as sp
@@ -412,19 +412,6 @@ def plot(configs: pd.DataFrame, chosen: dict[str, dict[str, str]], path: Path, t
 
 
 # ================================================================================ main
-def _jsonable(o):
-    """Plain JSON: numpy scalars to Python, NaN and inf to None."""
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if hasattr(o, "item") and not isinstance(o, (str, bytes)):
-        o = o.item()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(__doc__.splitlines()[0],
                       "shorter runs, 2 configurations per method, tuning seed = report seed (under 3 min)", argv)
@@ -535,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
            "runtime_s": round(total, 1), "runs_s": round(t_runs, 1), "cross_check_s": round(t_cc, 1)}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(_jsonable(out), f, indent=2)
+            json.dump(jsonable(out), f, indent=2)
     return out
 
 

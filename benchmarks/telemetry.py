@@ -61,7 +61,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-from machine import describe, parse_args
+from machine import describe, jsonable, parse_args
 from torch import nn
 
 from adaptive_kit import pick_device, seed_everything
@@ -623,19 +623,6 @@ def overhead_targets(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _jsonable(o):
-    """Plain JSON: numpy scalars to Python, NaN and inf to None."""
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if hasattr(o, "item") and not isinstance(o, (str, bytes)):
-        o = o.item()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(__doc__.splitlines()[0], "fewer repeats, seeds and steps (under 3 min)", argv)
     block, warmup, repeats = (5, 1, 4) if args.quick else (10, 2, 20)
@@ -677,7 +664,7 @@ def main(argv: list[str] | None = None) -> dict:
            "runtime_s": round(total, 1)}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(_jsonable(out), f, indent=2)
+            json.dump(jsonable(out), f, indent=2)
     return out
 
 

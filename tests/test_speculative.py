@@ -19,7 +19,7 @@ from torch import nn
 
 import adaptive_kit.speculative as sp
 from adaptive_kit.datasets import digits, dirichlet_split
-from adaptive_kit.speculative.engine import region_index
+from adaptive_kit.speculative.model import region_index
 from adaptive_kit.speculative.network import profile
 from adaptive_kit.speculative.regions import (
     FULL,

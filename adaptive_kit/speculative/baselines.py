@@ -22,7 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..training import TrainConfig
-from .engine import SpecConfig, Task
+from .engine import SpecConfig
+from .model import Task
 from .regions import ManagerConfig
 
 _FIXED = dict(adaptive=False, adapt_period=False, speculate=False, control_every=0)

@@ -24,41 +24,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
 from tqdm.auto import tqdm
 
 from ..training import TrainConfig
 from .comm import SimComm, _Comm
-from .network import simulated_time
+from .model import FlatModel, Task, region_index
 from .regions import ManagerConfig, RegionManager
-
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy; sequence logits (B, T, V) are flattened against targets (B, T)."""
-    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-
-
-@dataclass
-class Task:
-    """A model and one data shard per worker: what every method in the harness trains."""
-
-    name: str
-    build: Callable[[], nn.Module]  # picklable (module-level), so spawned workers can call it
-    shards: list[tuple[torch.Tensor, torch.Tensor]]  # (x, y) per worker
-    test: tuple[torch.Tensor, torch.Tensor]
-    loss: Loss = cross_entropy
-
-    @property
-    def workers(self) -> int:
-        return len(self.shards)
+from .result import RunResult
 
 
 @dataclass(frozen=True)
@@ -95,124 +72,6 @@ class SpecConfig:
             raise ValueError("SpecConfig: adaptive=True needs control_every >= 1")
         if isinstance(self.regions, str) and self.regions not in ("layer", "param"):
             raise ValueError(f"SpecConfig.regions={self.regions!r}: expected 'layer', 'param' or a mapping")
-
-
-class FlatModel:
-    """A module as one flat parameter vector; loss and gradient vectorised over workers."""
-
-    def __init__(self, module: nn.Module, loss: Loss) -> None:
-        if any(True for _ in module.buffers()):
-            raise ValueError(f"{type(module).__name__} has buffers (BatchNorm?): workers would keep "
-                             "diverging statistics; use LayerNorm or no normalisation")
-        self.module = module
-        named = list(module.named_parameters())
-        self.names = [n for n, _ in named]
-        self.shapes = [p.shape for _, p in named]
-        self.sizes = [p.numel() for _, p in named]
-        self.n = sum(self.sizes)
-
-        def f(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return loss(functional_call(module, self.unflatten(theta), (x,)), y)
-
-        self._loss_grad = vmap(grad_and_value(f))
-        self._loss = f
-
-    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: t.view(s) for n, t, s in zip(self.names, theta.split(self.sizes), self.shapes)}
-
-    def flat(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()])
-
-    def loss_and_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
-        """(W, N) weights, (W, B, ...) batches -> loss (W,), gradient (W, N)."""
-        g, loss = self._loss_grad(theta, x, y)
-        return loss, g
-
-    @torch.no_grad()
-    def evaluate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        """Test loss and accuracy of one weight vector (N,)."""
-        out = functional_call(self.module, self.unflatten(theta), (x,))
-        loss = self._loss(theta, x, y)
-        acc = (out.argmax(-1) == y).float().mean()
-        return float(loss), float(acc)
-
-
-def region_index(names: list[str], sizes: list[int],
-                 regions: str | Mapping[str, Sequence[str]]) -> tuple[list[str], torch.Tensor]:
-    """Region names and the region of every flat element (N,) int64.
-
-    Raises:
-        ValueError: a mapping names an unknown parameter, or leaves one out, or uses one twice.
-    """
-    if regions == "param":
-        groups = {n: [n] for n in names}
-    elif regions == "layer":
-        groups: dict[str, list[str]] = {}
-        for n in names:
-            groups.setdefault(n.rsplit(".", 1)[0] if "." in n else n, []).append(n)
-    else:
-        groups = {str(k): list(v) for k, v in regions.items()}
-        seen = [p for ps in groups.values() for p in ps]
-        unknown = sorted(set(seen) - set(names))
-        if unknown:
-            raise ValueError(f"SpecConfig.regions names unknown parameters {unknown}; the model has {names}")
-        missing = [n for n in names if n not in seen]
-        twice = sorted({p for p in seen if seen.count(p) > 1})
-        if missing or twice:
-            raise ValueError(f"SpecConfig.regions must put every parameter in exactly one region: "
-                             f"missing {missing}, repeated {twice}")
-    owner = {p: i for i, ps in enumerate(groups.values()) for p in ps}
-    region_of = torch.cat([torch.full((s,), owner[n], dtype=torch.int64) for n, s in zip(names, sizes)])
-    return list(groups), region_of
-
-
-@dataclass
-class RunResult:
-    """What one run did, on the host: per-step history, evaluations, region states, traffic."""
-
-    method: str
-    workers: int
-    regions: list[str]
-    history: pd.DataFrame  # per step: loss, tagged, rollbacks, recomputes, bytes
-    evals: pd.DataFrame  # step, test_loss, test_accuracy (the workers' averaged model)
-    p: np.ndarray  # (steps, R) speculative fraction per region after each step
-    log: list  # Collective records
-    compute_s: float  # one worker's forward + backward, measured
-    wall_s: float  # measured wall-clock of the training loop
-    alarms: list[dict] = field(default_factory=list)  # non-finite workers excluded, by step and rank
-    theta: torch.Tensor | None = None  # final averaged weights (N,)
-
-    @property
-    def final_test_loss(self) -> float:
-        return float(self.evals["test_loss"].iloc[-1])
-
-    def bytes_per_worker(self) -> dict[str, int]:
-        """Training bytes each worker sent: payload (gradients, weights) and control (stats, flags)."""
-        pay = sum(c.payload_bytes for c in self.log if c.kind != "eval")
-        ctl = sum(c.control_bytes for c in self.log if c.kind != "eval")
-        return {"payload": pay, "control": ctl, "total": pay + ctl}
-
-    def rollback_rate(self) -> float:
-        """Rolled-back reconciliations over all reconciliations of speculative work."""
-        n = self.history["reconciled"].sum()
-        return float(self.history["rollbacks"].sum() / n) if n else 0.0
-
-    def simulated_time(self, net: str, compute_s: float | None = None) -> np.ndarray:
-        """Cumulative simulated seconds per step on network profile ``net``.
-
-        ``compute_s`` overrides the measured per-step compute time: pass one value to every run
-        you compare, so that timing noise on a busy machine does not decide the comparison.
-        """
-        return simulated_time(self.log, len(self.history), self.workers,
-                              self.compute_s if compute_s is None else compute_s,
-                              (self.history["recomputes"] > 0).to_numpy(), net)
-
-    def time_to(self, target: float, net: str, compute_s: float | None = None) -> float:
-        """Simulated seconds until the test loss first reaches ``target`` (inf if never)."""
-        hit = self.evals[self.evals["test_loss"] <= target]
-        if hit.empty:
-            return float("inf")
-        return float(self.simulated_time(net, compute_s)[int(hit["step"].iloc[0])])
 
 
 class Engine:

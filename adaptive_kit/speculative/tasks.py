@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import datasets
 from ..training import mlp
-from .engine import Task
+from .model import Task
 
 
 def _check_sizes(fn: str, **sizes: int) -> None:

@@ -1,0 +1,59 @@
+"""What one run did, on the host: history, evaluations, region states and traffic."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .network import simulated_time
+
+
+@dataclass
+class RunResult:
+    """What one run did, on the host: per-step history, evaluations, region states, traffic."""
+
+    method: str
+    workers: int
+    regions: list[str]
+    history: pd.DataFrame  # per step: loss, tagged, rollbacks, recomputes, bytes
+    evals: pd.DataFrame  # step, test_loss, test_accuracy (the workers' averaged model)
+    p: np.ndarray  # (steps, R) speculative fraction per region after each step
+    log: list  # Collective records
+    compute_s: float  # one worker's forward + backward, measured
+    wall_s: float  # measured wall-clock of the training loop
+    alarms: list[dict] = field(default_factory=list)  # non-finite workers excluded, by step and rank
+    theta: torch.Tensor | None = None  # final averaged weights (N,)
+
+    @property
+    def final_test_loss(self) -> float:
+        return float(self.evals["test_loss"].iloc[-1])
+
+    def bytes_per_worker(self) -> dict[str, int]:
+        """Training bytes each worker sent: payload (gradients, weights) and control (stats, flags)."""
+        pay = sum(c.payload_bytes for c in self.log if c.kind != "eval")
+        ctl = sum(c.control_bytes for c in self.log if c.kind != "eval")
+        return {"payload": pay, "control": ctl, "total": pay + ctl}
+
+    def rollback_rate(self) -> float:
+        """Rolled-back reconciliations over all reconciliations of speculative work."""
+        n = self.history["reconciled"].sum()
+        return float(self.history["rollbacks"].sum() / n) if n else 0.0
+
+    def simulated_time(self, net: str, compute_s: float | None = None) -> np.ndarray:
+        """Cumulative simulated seconds per step on network profile ``net``.
+
+        ``compute_s`` overrides the measured per-step compute time: pass one value to every run
+        you compare, so that timing noise on a busy machine does not decide the comparison.
+        """
+        return simulated_time(self.log, len(self.history), self.workers,
+                              self.compute_s if compute_s is None else compute_s,
+                              (self.history["recomputes"] > 0).to_numpy(), net)
+
+    def time_to(self, target: float, net: str, compute_s: float | None = None) -> float:
+        """Simulated seconds until the test loss first reaches ``target`` (inf if never)."""
+        hit = self.evals[self.evals["test_loss"] <= target]
+        if hit.empty:
+            return float("inf")
+        return float(self.simulated_time(net, compute_s)[int(hit["step"].iloc[0])])
