@@ -10,15 +10,16 @@ W = 1 under torch.distributed) and runs forward and backward for all its rows at
 2. reconcile: adopt the average for the regions it covers; a worker whose speculative weights
    sit at relative RMSE >= ``reconcile_threshold`` from it rolls back — its tagged outputs are
    recomputed with the global weights (counted);
-3. all-reduce the gradients of the Global part (every step), with the control statistics every
-   ``control_every`` steps and one health flag per worker, in one collective;
+3. all-reduce the gradients of the Global part (every step) and one health flag per worker; the
+   control statistics, due every ``control_every`` steps, ride on the next collective;
 4. SGD with momentum; the speculative part of each region trains on local gradients;
 5. launch the weight average of the regions whose schedule is due (overlapped with the next
    step's compute).
 
-A worker whose gradients or weights are not finite is excluded from that average (the sum is
-redone without it), repaired from the others, and reported in ``alarms``; it never reaches the
-global model silently.
+A worker whose gradients or weights are not finite sends zeros and raises its flag, so every
+average is over the healthy workers only; the flags are read at reconciliations and every
+``health_every`` steps, when the worker is repaired from the others and reported in ``alarms``.
+It never reaches the global model silently.
 """
 from __future__ import annotations
 
