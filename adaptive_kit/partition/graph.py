@@ -1,0 +1,167 @@
+"""A model as a networkx DiGraph: torch.fx nodes with FLOPs, bytes and measured time.
+
+Each node carries ``flops`` (torch.utils.flop_counter, forward + backward), ``param_bytes``,
+``grad_bytes`` (= param bytes), ``act_bytes`` (its output), and ``time_s`` (measured forward +
+backward on the target device, median of ``reps``); each edge carries ``bytes``, the tensor it
+moves. A model that torch.fx cannot trace raises :class:`TraceError` naming the failing
+operation, or, with ``fallback=True``, is described at module level: its top-level children in
+order, as a chain.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils.flop_counter import FlopCounterMode
+
+
+class TraceError(RuntimeError):
+    """torch.fx could not trace the model; ``operation`` says where."""
+
+    def __init__(self, operation: str, cause: BaseException) -> None:
+        super().__init__(f"torch.fx cannot trace the model at {operation}: {cause}. "
+                         "Pass fallback=True to describe it at module level instead")
+        self.operation = operation
+
+
+def _bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_bytes(v) for v in value.values())
+    return 0
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _measure(fn, args: tuple, kwargs: dict, reps: int, device: torch.device) -> tuple[float, float, Any]:
+    """(flops, median seconds) of forward + backward of ``fn(*args)``, and its output."""
+    def once() -> Any:
+        leaves = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+                  for a in args]
+        out = fn(*leaves, **kwargs)
+        outs = [t for t in _tensors(out) if t.requires_grad]
+        if outs:
+            torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+        return out
+
+    with FlopCounterMode(display=False) as counter:
+        out = once()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        once()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return float(counter.get_total_flops()), float(np.median(times)) if times else 0.0, out
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as e:  # fx raises many types; name the operation from its message
+        tb = e.__traceback__
+        where = type(e).__name__
+        while tb is not None:  # the innermost frame inside the model's own code
+            frame = tb.tb_frame
+            if "torch/fx" not in frame.f_code.co_filename:
+                where = f"{frame.f_code.co_name} ({frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno})"
+            tb = tb.tb_next
+        raise TraceError(where, e) from e
+
+
+def model_graph(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor, *, reps: int = 3,
+                fallback: bool = False) -> nx.DiGraph:
+    """The model's computation graph with per-node costs measured on the example's device.
+
+    Args:
+        model: any ``nn.Module``; parameters and example on the device to profile.
+        example: the input(s) of one batch.
+        reps: timed repetitions per node (0: FLOPs and bytes only, ``time_s`` = 0).
+        fallback: on a trace failure, describe the top-level children as a chain.
+
+    Raises:
+        TraceError: torch.fx failed and ``fallback`` is False.
+        ValueError: the trace is empty (no operation between inputs and output).
+    """
+    args = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    device = args[0].device if args and isinstance(args[0], torch.Tensor) else torch.device("cpu")
+    try:
+        gm = _trace(model)
+    except TraceError:
+        if not fallback:
+            raise
+        return _module_chain(model, args, reps, device)
+    ShapeProp(gm).propagate(*args)
+    g = nx.DiGraph(granularity="operation")
+    env: dict[str, Any] = {}
+    inputs = iter(args)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node.name] = next(inputs)
+            continue
+        if node.op == "output":
+            continue
+        fetch = lambda a: env[a.name] if isinstance(a, fx.Node) else a  # noqa: E731
+        nargs = fx.node.map_aggregate(node.args, fetch)
+        nkwargs = fx.node.map_aggregate(node.kwargs, fetch)
+        params = 0
+        if node.op == "call_module":
+            sub = gm.get_submodule(node.target)
+            fn, params = sub, sum(_bytes(p) for p in sub.parameters())
+        elif node.op == "get_attr":
+            value = getattr(gm, node.target) if "." not in node.target else gm.get_parameter(node.target)
+            env[node.name] = value
+            g.add_node(node.name, op=node.op, target=str(node.target), flops=0.0, time_s=0.0,
+                       param_bytes=_bytes(value), grad_bytes=_bytes(value), act_bytes=0)
+            continue
+        elif node.op == "call_method":
+            fn = lambda obj, *a, _m=node.target, **k: getattr(obj, _m)(*a, **k)  # noqa: E731
+        else:
+            fn = node.target
+        flops, seconds, out = _measure(fn, tuple(nargs), dict(nkwargs), reps, device)
+        env[node.name] = out.detach() if isinstance(out, torch.Tensor) else out
+        g.add_node(node.name, op=node.op, target=str(node.target), flops=flops, time_s=seconds,
+                   param_bytes=params, grad_bytes=params, act_bytes=_bytes(out))
+        for src in node.all_input_nodes:
+            if src.name in g:
+                g.add_edge(src.name, node.name, bytes=_bytes(env[src.name]))
+    if g.number_of_nodes() == 0:
+        raise ValueError(f"{type(model).__name__}: the trace has no operation between inputs and output")
+    return g
+
+
+def _module_chain(model: nn.Module, args: tuple, reps: int, device: torch.device) -> nx.DiGraph:
+    """Top-level children as a chain, each measured as a whole (the fallback granularity)."""
+    children = list(model.named_children())
+    if not children:
+        raise ValueError(f"{type(model).__name__} has no child modules to fall back on")
+    g = nx.DiGraph(granularity="module")
+    x: Any = args
+    prev = None
+    for name, child in children:
+        flops, seconds, out = _measure(child, x if isinstance(x, tuple) else (x,), {}, reps, device)
+        params = sum(_bytes(p) for p in child.parameters())
+        g.add_node(name, op="call_module", target=name, flops=flops, time_s=seconds,
+                   param_bytes=params, grad_bytes=params, act_bytes=_bytes(out))
+        if prev is not None:
+            g.add_edge(prev, name, bytes=g.nodes[prev]["act_bytes"])
+        prev, x = name, out.detach() if isinstance(out, torch.Tensor) else out
+    return g
