@@ -1,5 +1,6 @@
 """What every benchmark shares: its command line (--quick, --json, --threads) and the machine."""
 import argparse
+import json
 import math
 import os
 import platform
@@ -58,3 +59,10 @@ def jsonable(o):
     if isinstance(o, float) and not math.isfinite(o):
         return None
     return o
+
+
+def write_json(path: str | None, out: dict) -> None:
+    """Write a benchmark's table for --json (nothing when no path was given)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(jsonable(out), f, indent=2)

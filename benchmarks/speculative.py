@@ -56,7 +56,6 @@ Run from the repository root::
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -66,7 +65,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from machine import describe, jsonable, parse_args
+from machine import describe, parse_args, write_json
 from tqdm.auto import tqdm
 
 from adaptive_kit import speculative as sp
@@ -520,9 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
            "equal_bytes": eq.to_dict(orient="records"), "cross_check": cc.to_dict(orient="records"),
            "targets": tg.to_dict(orient="records"), "plot": str(html),
            "runtime_s": round(total, 1), "runs_s": round(t_runs, 1), "cross_check_s": round(t_cc, 1)}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(jsonable(out), f, indent=2)
+    write_json(args.json, out)
     return out
 
 

@@ -45,7 +45,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import shutil
@@ -61,7 +60,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-from machine import describe, jsonable, parse_args
+from machine import describe, parse_args, write_json
 from torch import nn
 
 from adaptive_kit import pick_device, seed_everything
@@ -662,9 +661,7 @@ def main(argv: list[str] | None = None) -> dict:
            "overhead": overhead.to_dict(orient="records"), "bytes_per_level": levels,
            "overhead_targets": ot.to_dict(orient="records"), "detection": det,
            "runtime_s": round(total, 1)}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(jsonable(out), f, indent=2)
+    write_json(args.json, out)
     return out
 
 
