@@ -73,7 +73,14 @@ def _measure(fn, args: tuple, kwargs: dict, reps: int, device: torch.device) -> 
     return float(counter.get_total_flops()), float(np.median(times)) if times else 0.0, out
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` as a torch.fx GraphModule (returned as is when it is one already).
+
+    Raises:
+        TraceError: naming the operation in the model's code where tracing failed.
+    """
+    if isinstance(model, fx.GraphModule):
+        return model
     try:
         return fx.symbolic_trace(model)
     except Exception as e:  # fx raises many types; name the operation from its message
@@ -92,7 +99,8 @@ def model_graph(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor
     """The model's computation graph with per-node costs measured on the example's device.
 
     Args:
-        model: any ``nn.Module``; parameters and example on the device to profile.
+        model: any ``nn.Module`` (or the GraphModule :func:`trace` made of it, whose node names
+            the graph keeps); parameters and example on the device to profile.
         example: the input(s) of one batch.
         reps: timed repetitions per node (0: FLOPs and bytes only, ``time_s`` = 0).
         fallback: on a trace failure, describe the top-level children as a chain.
@@ -104,7 +112,7 @@ def model_graph(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor
     args = (example,) if isinstance(example, torch.Tensor) else tuple(example)
     device = args[0].device if args and isinstance(args[0], torch.Tensor) else torch.device("cpu")
     try:
-        gm = _trace(model)
+        gm = trace(model)
     except TraceError:
         if not fallback:
             raise

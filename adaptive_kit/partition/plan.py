@@ -1,6 +1,7 @@
 """Pipeline plans for model graphs: contiguous in a topological order, so always runnable."""
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,12 +41,53 @@ def is_valid_pipeline(g: nx.DiGraph, stage_of: dict[str, int]) -> bool:
     return all(stage_of[u] <= stage_of[v] for u, v in g.edges)
 
 
+def _orders(g: nx.DiGraph) -> list[tuple[str, ...]]:
+    """Topological orders to cut: the graph's own (torch.fx's), as soon as possible (by depth from
+    the inputs) and as late as possible (by height to the output), ties kept in the graph's order."""
+    nodes = list(g.nodes)
+    idx = {v: i for i, v in enumerate(nodes)}
+    succ = [[idx[w] for w in g.succ[v]] for v in nodes]
+    indeg = [len(g.pred[v]) for v in nodes]
+    first = _kahn(succ, indeg, list(range(len(nodes))))
+    depth = [0] * len(nodes)
+    for i in first:
+        for w in succ[i]:
+            depth[w] = max(depth[w], depth[i] + 1)
+    height = [0] * len(nodes)
+    for i in reversed(first):
+        height[i] = max((height[w] + 1 for w in succ[i]), default=0)
+    out: list[tuple[str, ...]] = []
+    for order in (first, _kahn(succ, indeg, list(zip(depth, range(len(nodes))))),
+                  _kahn(succ, indeg, [(-h, i) for i, h in enumerate(height)])):
+        named = tuple(nodes[i] for i in order)
+        if named not in out:
+            out.append(named)
+    return out
+
+
+def _kahn(succ: list[list[int]], indeg: list[int], key: list) -> list[int]:
+    """Topological order of node indices taking the smallest ``key`` among the ready nodes."""
+    left = list(indeg)
+    ready = [(key[i], i) for i, d in enumerate(left) if d == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, i = heapq.heappop(ready)
+        order.append(i)
+        for w in succ[i]:
+            left[w] -= 1
+            if left[w] == 0:
+                heapq.heappush(ready, (key[w], w))
+    return order
+
+
 def partition_graph(g: nx.DiGraph, k: int, speeds: Sequence[float] | None = None,
                     bandwidth: float = float("inf"), cost: str = "time_s") -> GraphPlan:
-    """The minimum-bottleneck split of ``g`` into ``k`` stages contiguous in its topological order.
+    """The minimum-bottleneck split of ``g`` into ``k`` stages contiguous in a topological order.
 
-    For a chain this is the exact optimum; for a branchy graph it is the optimum over splits of
-    one topological order (the graph's own, e.g. torch.fx's), and always a valid pipeline.
+    For a chain this is the exact optimum. For a branchy graph it is the best of the exact splits
+    of three topological orders (torch.fx's, as soon as possible, as late as possible), and
+    always a valid pipeline; :func:`milp_bound` measures how far from optimal it can be.
 
     Raises:
         ValueError: ``g`` is empty or has a cycle, a node lacks ``cost``, or the chain
@@ -58,9 +100,162 @@ def partition_graph(g: nx.DiGraph, k: int, speeds: Sequence[float] | None = None
     missing = [v for v, d in g.nodes(data=True) if cost not in d]
     if missing:
         raise ValueError(f"partition_graph: nodes {missing[:5]} have no {cost!r} attribute")
-    pos = {v: i for i, v in enumerate(g.nodes)}
-    order = tuple(nx.lexicographical_topological_sort(g, key=lambda v: pos[v]))
-    c = np.array([g.nodes[v][cost] for v in order], dtype=float)
-    plan = partition_chain(c, k, speeds, boundary_bytes(g, order), bandwidth)
+    best = None
+    for order in _orders(g):
+        c = np.array([g.nodes[v][cost] for v in order], dtype=float)
+        plan = partition_chain(c, k, speeds, boundary_bytes(g, order), bandwidth)
+        if best is None or plan.bottleneck_s < best[1].bottleneck_s * (1 - 1e-12):
+            best = (order, plan)
+    order, plan = best
     stage_of = {v: j for j, r in enumerate(plan.stages) for v in (order[i] for i in r)}
     return GraphPlan(order, stage_of, plan.stage_s, plan.bottleneck_s)
+
+
+def _stage_loads(g: nx.DiGraph, stage_of: dict[str, int], k: int, cost: str,
+                 speeds: np.ndarray) -> np.ndarray:
+    loads = np.zeros(k)
+    for v, j in stage_of.items():
+        loads[j] += g.nodes[v][cost]
+    return loads / speeds
+
+
+def _closure(g: nx.DiGraph, v: str, stage_of: dict[str, int], j: int, forward: bool) -> list[str]:
+    """``v`` and everything in stage j that depends on it (forward) or that it depends on."""
+    nbrs = g.succ if forward else g.pred
+    seen, todo = {v}, [v]
+    while todo:
+        for w in nbrs[todo.pop()]:
+            if stage_of[w] == j and w not in seen:
+                seen.add(w)
+                todo.append(w)
+    return list(seen)
+
+
+def refine(g: nx.DiGraph, plan: GraphPlan, speeds: Sequence[float] | None = None,
+           cost: str = "time_s", rounds: int = 1000) -> GraphPlan:
+    """Improve a valid plan by moving work off the slowest stage to a neighbouring one.
+
+    Moving node v from stage j to j + 1 takes along everything in stage j that depends on v;
+    moving it to j - 1 takes along everything in stage j it depends on, so the plan stays a
+    valid pipeline. Each round makes the move that lowers the larger of the two stages most; it
+    stops when none helps. Communication is not re-priced (use it for bandwidth=inf plans).
+    """
+    k = len(plan.stage_s)
+    s = np.ones(k) if speeds is None else np.asarray(speeds, dtype=float)
+    stage_of = dict(plan.stage_of)
+    cost_of = {v: float(g.nodes[v][cost]) for v in g.nodes}
+    loads = _stage_loads(g, stage_of, k, cost, s)
+    for _ in range(rounds):
+        j = int(np.argmax(loads))
+        members = [v for v, sv in stage_of.items() if sv == j]
+        best = None  # (new larger load of the pair, nodes, target stage)
+        for v in members:
+            for t in (j - 1, j + 1):
+                if not 0 <= t < k:
+                    continue
+                move = _closure(g, v, stage_of, j, forward=t > j)
+                if len(move) == len(members):
+                    continue  # a stage may not become empty
+                c = sum(cost_of[w] for w in move)
+                pair = max(loads[j] - c / s[j], loads[t] + c / s[t])
+                if pair < loads[j] * (1 - 1e-12) and (best is None or pair < best[0]):
+                    best = (pair, move, t)
+        if best is None:
+            break
+        _, move, t = best
+        c = sum(cost_of[w] for w in move)
+        loads[j] -= c / s[j]
+        loads[t] += c / s[t]
+        stage_of.update(dict.fromkeys(move, t))
+    pos = {v: i for i, v in enumerate(plan.order)}
+    order = tuple(sorted(plan.order, key=lambda v: (stage_of[v], pos[v])))
+    return GraphPlan(order, stage_of, tuple(float(x) for x in loads), float(loads.max()))
+
+
+def best_plan(g: nx.DiGraph, k: int, speeds: Sequence[float] | None = None,
+              bandwidth: float = float("inf"), cost: str = "time_s") -> GraphPlan:
+    """:func:`partition_graph`, then :func:`refine` when communication is free."""
+    plan = partition_graph(g, k, speeds, bandwidth, cost)
+    return refine(g, plan, speeds, cost) if not np.isfinite(bandwidth) else plan
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What the MILP proved: ``lower_s`` <= every valid plan's bottleneck; ``best_s`` is the best
+    plan it found (equal to ``lower_s`` when it finished)."""
+
+    lower_s: float
+    best_s: float
+    optimal: bool
+    seconds: float
+
+
+def milp_bound(g: nx.DiGraph, k: int, speeds: Sequence[float] | None = None, cost: str = "time_s",
+               time_limit: float = 10.0) -> Bound:
+    """Lower bound on the bottleneck of any valid k-stage pipeline of ``g`` (communication free).
+
+    y[v, j] = 1 when node v runs at stage <= j: monotone in j, y[v, j] <= y[u, j] on every edge
+    u -> v (a consumer is never earlier than its producer), every stage non-empty; minimise B with
+    stage loads / speeds <= B. Solved by HiGHS through ``scipy.optimize.milp`` within ``time_limit``;
+    the dual bound is a valid lower bound even when the solver stops early.
+    """
+    import time
+
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
+    nodes = list(g.nodes)
+    n = len(nodes)
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be in [1, {n}] (the node count)")
+    s = np.ones(k) if speeds is None else np.asarray(speeds, dtype=float)
+    c = np.array([g.nodes[v][cost] for v in nodes], dtype=float)
+    scale = c.sum() / s.min() or 1.0  # solve in units of the total: HiGHS misjudges 1e8-size rows
+    c = c / scale
+    idx = {v: i for i, v in enumerate(nodes)}
+    var = lambda i, j: i * k + j  # noqa: E731
+    nb = n * k + 1  # y and B
+    rows, cols, vals, lo, hi = [], [], [], [], []
+    r = 0
+
+    def add(entries, lower, upper):
+        nonlocal r
+        for col, val in entries:
+            rows.append(r)
+            cols.append(col)
+            vals.append(val)
+        lo.append(lower)
+        hi.append(upper)
+        r += 1
+
+    for i in range(n):
+        for j in range(k - 1):  # y[i, j] <= y[i, j + 1]
+            add([(var(i, j), 1.0), (var(i, j + 1), -1.0)], -np.inf, 0.0)
+    for u, v in g.edges:
+        for j in range(k - 1):  # y[v, j] <= y[u, j]
+            add([(var(idx[v], j), 1.0), (var(idx[u], j), -1.0)], -np.inf, 0.0)
+    for j in range(k):  # load_j / s_j - B <= 0 and stage j non-empty
+        entries = [(var(i, j), c[i] / s[j]) for i in range(n)]
+        count = [(var(i, j), 1.0) for i in range(n)]
+        if j > 0:
+            entries += [(var(i, j - 1), -c[i] / s[j]) for i in range(n)]
+            count += [(var(i, j - 1), -1.0) for i in range(n)]
+        add([*entries, (nb - 1, -1.0)], -np.inf, 0.0)
+        add(count, 1.0, np.inf)
+    a = coo_matrix((vals, (rows, cols)), shape=(r, nb)).tocsr()
+    lb, ub = np.zeros(nb), np.ones(nb)
+    lb[[var(i, k - 1) for i in range(n)]] = 1.0  # every node runs somewhere
+    ub[-1] = np.inf
+    integrality = np.ones(nb)
+    integrality[-1] = 0
+    objective = np.zeros(nb)
+    objective[-1] = 1.0
+    t0 = time.perf_counter()
+    res = milp(objective, integrality=integrality, bounds=Bounds(lb, ub),
+               constraints=LinearConstraint(a, lo, hi), options={"time_limit": time_limit})
+    seconds = time.perf_counter() - t0
+    trivial = max(c.sum() / s.sum(), 0.0)
+    lower = getattr(res, "mip_dual_bound", None)
+    lower = max(float(lower) if lower is not None and np.isfinite(lower) else 0.0, trivial)
+    best = float(res.fun) if res.x is not None else float("inf")
+    return Bound(scale * min(lower, best), scale * best, bool(res.status == 0), seconds)
