@@ -68,6 +68,11 @@ class Forecaster:
         self.history.append(float(value))
         self._since_fit += 1
 
+    def reset(self) -> None:
+        """Forget the observations (the series changed regime); fitted parameters warm the next fit."""
+        self.history.clear()
+        self._since_fit = self.config.refit_every
+
     def _model(self, y: pd.Series):
         from statsmodels.tsa.exponential_smoothing.ets import ETSModel
 

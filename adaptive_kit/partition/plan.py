@@ -259,3 +259,96 @@ def milp_bound(g: nx.DiGraph, k: int, speeds: Sequence[float] | None = None, cos
     lower = max(float(lower) if lower is not None and np.isfinite(lower) else 0.0, trivial)
     best = float(res.fun) if res.x is not None else float("inf")
     return Bound(scale * min(lower, best), scale * best, bool(res.status == 0), seconds)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """A model ready to pipeline: its (possibly split) GraphModule, graph, cost model and plan."""
+
+    gm: object  # torch.fx.GraphModule
+    graph: nx.DiGraph
+    plan: GraphPlan
+    cost_model: object  # CostModel
+    splits: dict  # node -> shards of each Linear split at operation level
+
+
+def plan_model(model, example, k: int, speeds: Sequence[float] | None = None,
+               bandwidth: float = float("inf"), *, split: bool = True, reps: int = 5,
+               fallback: bool = False) -> ModelPlan:
+    """Trace, measure, calibrate, split dominant Linears and partition a model in one call.
+
+    Node costs are the calibrated :class:`~adaptive_kit.partition.profile.CostModel`'s
+    (``cost_s``), which smooths per-operation timing noise. A Linear costing more than a fair
+    share (total / k) is split into column shards when that lowers the bottleneck.
+    """
+    from .graph import model_graph, trace
+    from .profile import CostModel, profile_batch
+    from .split import dominant_linears, split_linear
+
+    try:
+        gm = trace(model)
+    except Exception:
+        if not fallback:
+            raise
+        gm = model
+    g = model_graph(gm, example, reps=reps, fallback=fallback)
+    cm = CostModel.fit(g, profile_batch(example))
+    cm.annotate(g)
+    plan = best_plan(g, k, speeds, bandwidth, "cost_s")
+    splits: dict[str, int] = {}
+    if split and g.graph.get("granularity") == "operation":
+        for node, parts in dominant_linears(gm, g, k, "cost_s").items():
+            gm2 = split_linear(gm, node, parts)
+            g2 = cm.annotate(model_graph(gm2, example, reps=0))
+            plan2 = best_plan(g2, k, speeds, bandwidth, "cost_s")
+            if plan2.bottleneck_s < plan.bottleneck_s:
+                gm, g, plan, splits[node] = gm2, g2, plan2, parts
+    return ModelPlan(gm, g, plan, cm, splits)
+
+
+def stage_graph(g: nx.DiGraph, stage_of: dict[str, int]) -> nx.DiGraph:
+    """The quotient graph: an edge a -> b when some node of stage a feeds one of stage b."""
+    q = nx.DiGraph()
+    q.add_nodes_from(set(stage_of.values()))
+    q.add_edges_from((stage_of[u], stage_of[v]) for u, v in g.edges if stage_of[u] != stage_of[v])
+    return q
+
+
+def repair(g: nx.DiGraph, parts: dict[str, int]) -> dict[str, int]:
+    """A valid pipeline from any assignment of nodes to parts (e.g. METIS's, whose stage graph
+    may have cycles): parts are ranked by the mean topological position of their nodes, and each
+    node goes to the later of its part's rank and its producers' stages."""
+    pos = {v: i for i, v in enumerate(nx.topological_sort(g))}
+    groups: dict[int, list[int]] = {}
+    for v, p in parts.items():
+        groups.setdefault(p, []).append(pos[v])
+    rank = {p: r for r, p in enumerate(sorted(groups, key=lambda p: np.mean(groups[p])))}
+    out: dict[str, int] = {}
+    for v in sorted(parts, key=pos.__getitem__):
+        out[v] = max([rank[parts[v]], *(out[u] for u in g.pred[v])])
+    return out
+
+
+def metis_parts(g: nx.DiGraph, k: int, cost: str = "time_s", seed: int = 0) -> dict[str, int]:
+    """METIS (pymetis, optional) k-way partition balancing ``cost`` and cutting edge ``bytes``.
+
+    Raises:
+        ImportError: pymetis is not installed (``pip install pymetis``).
+    """
+    import pymetis
+
+    nodes = list(g.nodes)
+    idx = {v: i for i, v in enumerate(nodes)}
+    u = g.to_undirected()
+    xadj, adjncy, eweights = [0], [], []
+    for v in nodes:
+        for w, d in u.adj[v].items():
+            adjncy.append(idx[w])
+            eweights.append(max(1, int(d.get("bytes", 0) // 1024)))
+        xadj.append(len(adjncy))
+    c = np.array([g.nodes[v][cost] for v in nodes], dtype=float)
+    vweights = np.maximum(1, np.round(c / max(c.max(), 1e-300) * 10000)).astype(int).tolist()
+    opts = pymetis.Options(seed=seed)
+    _, membership = pymetis.part_graph(k, xadj=xadj, adjncy=adjncy, vweights=vweights, eweights=eweights,
+                                       options=opts)
+    return {v: int(membership[i]) for i, v in enumerate(nodes)}
