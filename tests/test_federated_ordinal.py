@@ -1,0 +1,66 @@
+"""Ordinal logistic regression in torch against statsmodels' OrderedModel."""
+import numpy as np
+import pytest
+import torch
+from statsmodels.miscmodels.ordinal_model import OrderedModel
+
+from adaptive_kit.datasets import statsmodels_frame
+from adaptive_kit.federated import ordinal
+
+
+@pytest.fixture(scope="module")
+def fair():
+    d = statsmodels_frame("fair")
+    y = (d.rate_marriage.astype(int) - 1).to_numpy()
+    x = d[["age", "yrs_married", "children", "religious", "educ"]].to_numpy(float)
+    return (x - x.mean(0)) / x.std(0), y
+
+
+def test_coefficients_and_thresholds_match_ordered_model_on_fair(fair):
+    x, y = fair
+    ref = OrderedModel(y, x, distr="logit").fit(method="bfgs", disp=False, maxiter=5000, gtol=1e-8)
+    ours = ordinal.fit(torch.tensor(x), torch.tensor(y))
+    assert ours.classes == 5
+    np.testing.assert_allclose(ours.params.numpy(), ref.params, atol=1e-3)
+    ref_thresholds = ref.model.transform_threshold_params(ref.params)[1:-1]
+    np.testing.assert_allclose(ours.thresholds.numpy(), ref_thresholds, atol=1e-3)
+    assert ours.nll == pytest.approx(-ref.llf / len(y), abs=1e-8)
+
+
+def test_binary_is_the_two_class_case_of_logistic_regression():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 3, generator=g, dtype=torch.float64)
+    y = (x @ torch.tensor([1.5, -1.0, 0.5], dtype=torch.float64) + 0.3 > torch.randn(500, generator=g, dtype=torch.float64)).long()
+    f = ordinal.fit(x, y)
+    probs = ordinal.class_probs(f.params, x, 2)
+    # P(y=1) = sigmoid(x beta - t0): the logit is linear in x with slope beta
+    logit = torch.log(probs[:, 1] / probs[:, 0])
+    np.testing.assert_allclose(logit.numpy(), (x @ f.coef - f.thresholds[0]).numpy(), atol=1e-8)
+    assert torch.allclose(probs.sum(1), torch.ones(500, dtype=torch.float64))
+    assert (f.coef[0] > 1.0) and (f.coef[1] < -0.5)
+
+
+def test_masked_rows_do_not_count():
+    x = torch.randn(40, 2, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    p = ordinal.init_params(2, 3, y) + 0.1
+    w = torch.cat([torch.ones(25), torch.zeros(15)]).double()
+    assert ordinal.nll(p, x, y, 3, w) == pytest.approx(float(ordinal.nll(p, x[:25], y[:25], 3)))
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([0, 0, 0], "single class"),
+    ([0, 2, 2, 0], "missing \\[1\\]"),
+    ([1, 2, 3], "0..J-1"),
+    ([0.5, 1.0], "integer"),
+])
+def test_bad_ordinal_targets_are_named(labels, message):
+    with pytest.raises(ValueError, match=message):
+        ordinal.check_ordinal(torch.tensor(labels))
+
+
+def test_nan_features_are_named():
+    x = torch.zeros(4, 2, dtype=torch.float64)
+    x[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="row 2, column 1"):
+        ordinal.fit(x, torch.tensor([0, 1, 0, 1]))
