@@ -148,6 +148,7 @@ class Controller:
         self.over = 0
         self.cool = self.config.cooldown
         if gain <= self.config.margin * cost or gain <= 0:
+            self.assumed = speeds  # known now: no need to re-plan for them again
             return replace(decision, reason="no gain", gain_s=gain, cost_s=cost)
         self.plan, self.assumed = candidate, speeds
         for f in self.forecasters:  # the new plan's loads start afresh

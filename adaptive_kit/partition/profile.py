@@ -43,6 +43,8 @@ def profile_batch(batch: torch.Tensor | Sequence[torch.Tensor], pad_id: int | No
     Raises:
         ValueError: an empty batch or a scalar.
     """
+    if not isinstance(batch, torch.Tensor) and len(batch) == 0:
+        raise ValueError("profile_batch: got an empty sequence of tensors")
     x = batch if isinstance(batch, torch.Tensor) else batch[0]
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"profile_batch: a batch needs a leading dimension > 0, got shape {tuple(x.shape)}")
@@ -99,6 +101,8 @@ class CostModel:
         pred = x @ coef
         r2 = 1 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-300))
         ref = reference.work if isinstance(reference, BatchProfile) else float(reference)
+        if not ref > 0:
+            raise ValueError(f"CostModel.fit: the reference batch's work must be > 0, got {ref!r} (all padding?)")
         return cls(*(float(c) for c in coef), reference=ref, r2=r2)
 
     def predict(self, g: nx.DiGraph, batch: BatchProfile | float | None = None) -> dict[str, float]:

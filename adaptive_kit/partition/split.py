@@ -42,7 +42,7 @@ def split_linear(gm: fx.GraphModule, node: str, parts: int, dim: str = "out") ->
     features = lin.out_features if dim == "out" else lin.in_features
     if isinstance(parts, bool) or not isinstance(parts, int) or not 2 <= parts <= features:
         raise ValueError(f"parts must be an int in [2, {features}] for {node!r}, got {parts!r}")
-    base = str(target.target).replace(".", "_")
+    base = node
     x = target.args[0]
     outs = []
     with gm.graph.inserting_before(target):
@@ -71,7 +71,8 @@ def split_linear(gm: fx.GraphModule, node: str, parts: int, dim: str = "out") ->
                 joined = gm.graph.call_function(torch.add, (joined, o))
     target.replace_all_uses_with(joined)
     gm.graph.erase_node(target)
-    gm.delete_submodule(str(target.target))
+    if not any(n.op == "call_module" and n.target == target.target for n in gm.graph.nodes):
+        gm.delete_submodule(str(target.target))  # unless another call still uses it
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -88,6 +89,7 @@ def dominant_linears(gm: fx.GraphModule, g: nx.DiGraph, k: int, cost: str = "tim
         if n.op != "call_module" or n.name not in g:
             continue
         c = g.nodes[n.name][cost]
-        if c > share * fair and isinstance(gm.get_submodule(n.target), nn.Linear):
-            out[n.name] = max(2, math.ceil(2 * c / fair))
+        lin = gm.get_submodule(n.target)
+        if c > share * fair and isinstance(lin, nn.Linear) and lin.out_features >= 2:
+            out[n.name] = min(max(2, math.ceil(2 * c / fair)), lin.out_features)
     return out
