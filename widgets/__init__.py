@@ -1,6 +1,7 @@
 """ipywidgets + bokeh panels for adaptive-kit notebooks (the UI side; the core stays headless)."""
 from .common import LivePlot, control_row, panel_layout, setup_notebook
+from .partition import PartitionPanel
 from .speculative import SpeculativePanel
 from .tour import TourPanel
 
-__all__ = ["LivePlot", "SpeculativePanel", "TourPanel", "control_row", "panel_layout", "setup_notebook"]
+__all__ = ["LivePlot", "PartitionPanel", "SpeculativePanel", "TourPanel", "control_row", "panel_layout", "setup_notebook"]

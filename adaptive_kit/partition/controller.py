@@ -187,7 +187,9 @@ class EmulatedPipeline:
         return best_plan(self.g, self.k, speeds, self.bandwidth, self.cost)
 
     def _rate(self, stage_s: np.ndarray) -> float:
-        return 1 / simulate(stage_s / self.micro, micro=self.micro).makespan_s
+        """Steps per second of 1F1B for stages taking ``stage_s`` per step (a third forward)."""
+        f = stage_s / (3 * self.micro)
+        return 1 / simulate(f, 2 * f, micro=self.micro).makespan_s
 
     def step(self) -> dict:
         """One window: measure, let the controller decide, record throughput against the optimum."""
