@@ -121,8 +121,10 @@ def test_refine_finds_the_order_the_three_topological_orders_miss():
     assert better.order == ("v1", "v0", "v2", "v3")  # sorted by stage: contiguous again
     assert brute_force(g, 3) == 7.0 and milp_bound(g, 3, cost="cost_s").best_s == pytest.approx(7.0)
     assert best_plan(g, 3, cost="cost_s").stage_of == better.stage_of
-    # communication is not re-priced by refine, so a finite bandwidth keeps partition_graph's plan
-    assert best_plan(g, 3, bandwidth=1e9, cost="cost_s").stage_of == plan.stage_of
+    # communication is not re-priced by refine, so with a finite bandwidth best_plan only cuts
+    # orders exactly (its own random ones too): never worse than partition_graph, and valid
+    priced = best_plan(g, 3, bandwidth=1e9, cost="cost_s")
+    assert priced.bottleneck_s <= plan.bottleneck_s and is_valid_pipeline(g, priced.stage_of)
 
 
 @pytest.mark.parametrize("speeds", [None, [1.0, 2.0, 0.5]])

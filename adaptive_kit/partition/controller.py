@@ -6,7 +6,7 @@ predicted for them (for the batches that ran, at speed 1). Their ratio is the de
 factor* (1 = as predicted, 2 = twice as slow). A :class:`~adaptive_kit.partition.Forecaster` per
 device predicts the next windows' load with an interval. A device *deviates* when its load, now
 or as forecast, is off the load the plan assumed by more than ``threshold``. After ``patience``
-deviating windows in a row (the count resets only when every device is back within
+deviating windows in a row on one device (its count resets only when it is back within
 ``release`` x threshold: hysteresis) and outside the ``cooldown`` after the last re-partition,
 the controller plans for the recent loads and re-partitions when the time saved over the
 remaining steps exceeds the migration cost. A planner that fails leaves the old plan in force.
@@ -89,7 +89,7 @@ class Controller:
             raise ValueError(f"speeds must be {k} positive numbers, got {speeds!r}")
         self.forecasters = [Forecaster(config.forecast) for _ in range(k)]
         self.window = 0
-        self.over = 0
+        self.over = np.zeros(k, dtype=int)  # deviating windows in a row, per device
         self.cool = 0
         self.recent: list[np.ndarray] = []
         self.decisions: list[Decision] = []
@@ -118,17 +118,15 @@ class Controller:
         dev = np.maximum(np.abs(load / assumed_load - 1), np.abs(fc / assumed_load - 1))
         deviation = float(dev.max())
         self.recent = [*self.recent[-(cfg.patience - 1):], load] if cfg.patience > 1 else [load]
-        if deviation > cfg.threshold:
-            self.over += 1
-        elif deviation < cfg.release * cfg.threshold:
-            self.over = 0
+        self.over = np.where(dev > cfg.threshold, self.over + 1,
+                             np.where(dev < cfg.release * cfg.threshold, 0, self.over))
         decision = Decision(self.window, False, "steady", tuple(load.tolist()), deviation)
         if self.cool > 0:
             self.cool -= 1
             decision = replace(decision, reason="cooldown")
-        elif self.over >= cfg.patience:
+        elif self.over.max() >= cfg.patience:
             decision = self._consider(decision, remaining_steps, predicted)
-        elif self.over:
+        elif self.over.any():
             decision = replace(decision, reason="deviating")
         self.decisions.append(decision)
         self.window += 1
@@ -145,7 +143,7 @@ class Controller:
         current = float((predicted / speeds).max())  # the plan in force at the new speeds
         gain = (current - candidate.bottleneck_s) * remaining
         cost = float(self.migration_cost(self.plan, candidate))
-        self.over = 0
+        self.over[:] = 0
         self.cool = self.config.cooldown
         if gain <= self.config.margin * cost or gain <= 0:
             self.assumed = speeds  # known now: no need to re-plan for them again

@@ -93,6 +93,16 @@ def partition_graph(g: nx.DiGraph, k: int, speeds: Sequence[float] | None = None
         ValueError: ``g`` is empty or has a cycle, a node lacks ``cost``, or the chain
             partitioner rejects ``k`` / ``speeds`` / ``bandwidth``.
     """
+    _check(g, cost)
+    best = None
+    for order in _orders(g):
+        plan = _cut(g, order, k, speeds, bandwidth, cost)
+        if best is None or plan.bottleneck_s < best.bottleneck_s * (1 - 1e-12):
+            best = plan
+    return best
+
+
+def _check(g: nx.DiGraph, cost: str) -> None:
     if g.number_of_nodes() == 0:
         raise ValueError("partition_graph: the graph is empty (an empty trace?)")
     if not nx.is_directed_acyclic_graph(g):
@@ -100,15 +110,23 @@ def partition_graph(g: nx.DiGraph, k: int, speeds: Sequence[float] | None = None
     missing = [v for v, d in g.nodes(data=True) if cost not in d]
     if missing:
         raise ValueError(f"partition_graph: nodes {missing[:5]} have no {cost!r} attribute")
-    best = None
-    for order in _orders(g):
-        c = np.array([g.nodes[v][cost] for v in order], dtype=float)
-        plan = partition_chain(c, k, speeds, boundary_bytes(g, order), bandwidth)
-        if best is None or plan.bottleneck_s < best[1].bottleneck_s * (1 - 1e-12):
-            best = (order, plan)
-    order, plan = best
+
+
+def _cut(g: nx.DiGraph, order: tuple[str, ...], k: int, speeds, bandwidth: float, cost: str) -> GraphPlan:
+    """The exact minimum-bottleneck split of one topological order."""
+    c = np.array([g.nodes[v][cost] for v in order], dtype=float)
+    plan = partition_chain(c, k, speeds, boundary_bytes(g, order), bandwidth)
     stage_of = {v: j for j, r in enumerate(plan.stages) for v in (order[i] for i in r)}
     return GraphPlan(order, stage_of, plan.stage_s, plan.bottleneck_s)
+
+
+def _random_orders(g: nx.DiGraph, tries: int, seed: int) -> list[tuple[str, ...]]:
+    nodes = list(g.nodes)
+    idx = {v: i for i, v in enumerate(nodes)}
+    succ = [[idx[w] for w in g.succ[v]] for v in nodes]
+    indeg = [len(g.pred[v]) for v in nodes]
+    rng = np.random.default_rng(seed)
+    return [tuple(nodes[i] for i in _kahn(succ, indeg, rng.random(len(nodes)).tolist())) for _ in range(tries)]
 
 
 def _stage_loads(g: nx.DiGraph, stage_of: dict[str, int], k: int, cost: str,
@@ -173,10 +191,26 @@ def refine(g: nx.DiGraph, plan: GraphPlan, speeds: Sequence[float] | None = None
 
 
 def best_plan(g: nx.DiGraph, k: int, speeds: Sequence[float] | None = None,
-              bandwidth: float = float("inf"), cost: str = "time_s") -> GraphPlan:
-    """:func:`partition_graph`, then :func:`refine` when communication is free."""
-    plan = partition_graph(g, k, speeds, bandwidth, cost)
-    return refine(g, plan, speeds, cost) if not np.isfinite(bandwidth) else plan
+              bandwidth: float = float("inf"), cost: str = "time_s", *, tries: int = 16,
+              small: int = 300, seed: int = 0) -> GraphPlan:
+    """The best valid plan we can find: every candidate order cut exactly, then refined.
+
+    Candidates are :func:`partition_graph`'s three topological orders, plus ``tries`` seeded
+    random ones on graphs of at most ``small`` nodes (where each costs a few milliseconds).
+    With a finite ``bandwidth`` the plans are not refined (refine does not re-price traffic).
+    """
+    _check(g, cost)
+    orders = _orders(g)
+    if g.number_of_nodes() <= small:
+        orders += _random_orders(g, tries, seed)
+    best = None
+    for order in orders:
+        plan = _cut(g, order, k, speeds, bandwidth, cost)
+        if not np.isfinite(bandwidth):
+            plan = refine(g, plan, speeds, cost)
+        if best is None or plan.bottleneck_s < best.bottleneck_s * (1 - 1e-12):
+            best = plan
+    return best
 
 
 @dataclass(frozen=True)
@@ -277,8 +311,9 @@ def plan_model(model, example, k: int, speeds: Sequence[float] | None = None,
                fallback: bool = False) -> ModelPlan:
     """Trace, measure, calibrate, split dominant Linears and partition a model in one call.
 
-    Node costs are the calibrated :class:`~adaptive_kit.partition.profile.CostModel`'s
-    (``cost_s``), which smooths per-operation timing noise. A Linear costing more than a fair
+    Node costs (``cost_s``) are the calibrated :class:`~adaptive_kit.partition.profile.CostModel`'s,
+    which smooths per-operation timing noise, except for nodes measured well above the
+    per-operation overhead, which keep their measured time. A Linear costing more than a fair
     share (total / k) is split into column shards when that lowers the bottleneck.
     """
     from .graph import model_graph, trace
@@ -299,7 +334,7 @@ def plan_model(model, example, k: int, speeds: Sequence[float] | None = None,
     if split and g.graph.get("granularity") == "operation":
         for node, parts in dominant_linears(gm, g, k, "cost_s").items():
             gm2 = split_linear(gm, node, parts)
-            g2 = cm.annotate(model_graph(gm2, example, reps=0))
+            g2 = cm.annotate(model_graph(gm2, example, reps=reps))  # the join is measured too
             plan2 = best_plan(g2, k, speeds, bandwidth, "cost_s")
             if plan2.bottleneck_s < plan.bottleneck_s:
                 gm, g, plan, splits[node] = gm2, g2, plan2, parts

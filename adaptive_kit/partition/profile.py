@@ -105,18 +105,33 @@ class CostModel:
             raise ValueError(f"CostModel.fit: the reference batch's work must be > 0, got {ref!r} (all padding?)")
         return cls(*(float(c) for c in coef), reference=ref, r2=r2)
 
-    def predict(self, g: nx.DiGraph, batch: BatchProfile | float | None = None) -> dict[str, float]:
-        """Seconds per node for a batch (default: the reference batch)."""
+    def predict(self, g: nx.DiGraph, batch: BatchProfile | float | None = None,
+                measured: str | None = None, trust: float = 5.0) -> dict[str, float]:
+        """Seconds per node for a batch (default: the reference batch).
+
+        With ``measured`` (e.g. "time_s"), a node whose measured time exceeds ``trust`` x the
+        per-operation overhead keeps its measurement, scaled to the batch like the model's
+        estimate: the model smooths the small, noisy operations, and a large one is priced by
+        what it was seen to take (a concatenation moves many bytes yet costs little).
+        """
         work = self.reference if batch is None else (batch.work if isinstance(batch, BatchProfile) else float(batch))
         ratio = work / self.reference
-        return {v: self.overhead_s + ratio * (self.s_per_flop * d.get("flops", 0.0)
-                                              + self.s_per_act_byte * d.get("act_bytes", 0.0))
-                + self.s_per_param_byte * d.get("param_bytes", 0.0)
-                for v, d in g.nodes(data=True)}
+        out = {}
+        for v, d in g.nodes(data=True):
+            scaled = self.s_per_flop * d.get("flops", 0.0) + self.s_per_act_byte * d.get("act_bytes", 0.0)
+            fixed = self.overhead_s + self.s_per_param_byte * d.get("param_bytes", 0.0)
+            seen = d.get(measured, 0.0) if measured else 0.0
+            if seen > trust * self.overhead_s:
+                at_ref = fixed + scaled
+                out[v] = seen * (fixed + ratio * scaled) / at_ref if at_ref > 0 else seen
+            else:
+                out[v] = fixed + ratio * scaled
+        return out
 
-    def annotate(self, g: nx.DiGraph, batch: BatchProfile | float | None = None, key: str = "cost_s") -> nx.DiGraph:
-        """Write :meth:`predict` into each node's ``key`` attribute; returns ``g``."""
-        nx.set_node_attributes(g, self.predict(g, batch), key)
+    def annotate(self, g: nx.DiGraph, batch: BatchProfile | float | None = None, key: str = "cost_s",
+                 measured: str | None = "time_s") -> nx.DiGraph:
+        """Write :meth:`predict` (measured nodes trusted) into each node's ``key``; returns ``g``."""
+        nx.set_node_attributes(g, self.predict(g, batch, measured), key)
         return g
 
     def stage_seconds(self, g: nx.DiGraph, stage_of: Mapping[str, int], k: int,
