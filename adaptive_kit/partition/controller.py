@@ -8,8 +8,9 @@ device predicts the next windows' load with an interval. A device *deviates* whe
 or as forecast, is off the load the plan assumed by more than ``threshold``. After ``patience``
 deviating windows in a row on one device (its count resets only when it is back within
 ``release`` x threshold: hysteresis) and outside the ``cooldown`` after the last re-partition,
-the controller plans for the recent loads and re-partitions when the time saved over the
-remaining steps exceeds the migration cost. A planner that fails leaves the old plan in force.
+the controller plans for the recent loads and re-partitions when the new plan's step is at least
+``min_improvement`` shorter and the time saved over the remaining steps exceeds the migration
+cost. A planner that fails leaves the old plan in force.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class ControllerConfig:
     release: float = 0.5  # the count resets when every device is within release x threshold
     cooldown: int = 4  # windows after a re-partition (or a failed one) without another
     margin: float = 1.0  # re-partition when saving > margin x migration cost
+    min_improvement: float = 0.10  # ... and the new plan's step is at least this much shorter
     horizon: int = 2  # windows ahead the forecast looks
     forecast: ForecastConfig = field(default_factory=lambda: ForecastConfig(season=0, refit_every=8, window=64))
 
@@ -48,6 +50,8 @@ class ControllerConfig:
             raise ValueError(f"release must be in [0, 1], got {self.release!r}")
         if not self.margin >= 0:
             raise ValueError(f"margin must be >= 0, got {self.margin!r}")
+        if not 0 <= self.min_improvement < 1:
+            raise ValueError(f"min_improvement must be in [0, 1), got {self.min_improvement!r}")
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,8 @@ class Controller:
         cost = float(self.migration_cost(self.plan, candidate))
         self.over[:] = 0
         self.cool = self.config.cooldown
-        if gain <= self.config.margin * cost or gain <= 0:
+        small = candidate.bottleneck_s > (1 - self.config.min_improvement) * current
+        if gain <= self.config.margin * cost or gain <= 0 or small:
             self.assumed = speeds  # known now: no need to re-plan for them again
             return replace(decision, reason="no gain", gain_s=gain, cost_s=cost)
         self.plan, self.assumed = candidate, speeds
@@ -176,13 +181,17 @@ class EmulatedPipeline:
         self.steps, self.steps_per_window, self.adapt = steps, steps_per_window, adapt
         self.rng = np.random.default_rng(seed)
         self.speeds = np.ones(k)
+        self._plans: dict[tuple, GraphPlan] = {}
         link = 1e9 if not np.isfinite(bandwidth) else bandwidth
         self.controller = Controller(self._plan, self._plan(np.ones(k)),
                                      lambda a, b: migration_seconds(g, a.stage_of, b.stage_of, link), config=config)
         self.rows: list[dict] = []
 
     def _plan(self, speeds: np.ndarray) -> GraphPlan:
-        return best_plan(self.g, self.k, speeds, self.bandwidth, self.cost)
+        key = tuple(np.round(np.asarray(speeds, dtype=float), 12))
+        if key not in self._plans:  # the optimum is re-asked every window at the same speeds
+            self._plans[key] = best_plan(self.g, self.k, speeds, self.bandwidth, self.cost)
+        return self._plans[key]
 
     def _rate(self, stage_s: np.ndarray) -> float:
         """Steps per second of 1F1B for stages taking ``stage_s`` per step (a third forward)."""
