@@ -513,9 +513,13 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     clock = {}
 
-    t0 = time.perf_counter()
-    table, summary = quality(quick)
-    clock["a"] = time.perf_counter() - t0
+    def timed(section, fn):
+        t0 = time.perf_counter()
+        out = fn(quick)
+        clock[section] = time.perf_counter() - t0
+        return out
+
+    table, summary = timed("a", quality)
     cols = ["model", "k", "nodes", "layers", "opt_ms", "opt", *METHODS, "metis_parts_used"]
     shown = table[cols].copy()
     for m in METHODS:
@@ -530,16 +534,12 @@ def main(argv: list[str] | None = None) -> dict:
          note="cases: (model, k) where the method applies; pymetis-raw counts as invalid when its stage graph is cyclic; "
               "geomean_x_ours: method / ours on the same cases (above 1: ours better)")
 
-    t0 = time.perf_counter()
-    bench = planning_time(quick)
-    clock["b"] = time.perf_counter() - t0
+    bench = timed("b", planning_time)
     show("(b) Planning time, random layered DAGs (seeded), k=8", bench, 2,
          note="ours_ms: best_plan median; x_milp_time: milp seconds / ours; ours_x_*: ours' bottleneck over the "
               "MILP's best plan and lower bound (the MILP did not prove optimality where it says no)")
 
-    t0 = time.perf_counter()
-    split = operator_split(quick)
-    clock["c"] = time.perf_counter() - t0
+    split = timed("c", operator_split)
     show("(c) Operator split: gpt-small, bottleneck / fair share (total / k)", split,
          note="unsplit/split_x_fair: over the unsplit graph's total / k; split_x_own_fair: over the split graph's "
               "own total / k (shards add per-node overhead); split_total_x: split total / unsplit total; "
@@ -547,17 +547,13 @@ def main(argv: list[str] | None = None) -> dict:
               "the same plans priced with measured node times over the unsplit measured total / k, and the split "
               "graph re-planned on measured times")
 
-    t0 = time.perf_counter()
-    fc = forecast(quick)
-    clock["d"] = time.perf_counter() - t0
+    fc = timed("d", forecast)
     show("(d) Forecast: one-step rolling origin, season 24 + trend + AR(1) noise", fc,
          note="mase: scaled by the in-sample one-step naive MAE; mase_seasonal_scale: by the in-sample seasonal-"
               "naive MAE; x_ets: method's MASE / ETS's (above 1: ETS better); interval_coverage: share of actuals "
               "inside ETS's 90% interval")
 
-    t0 = time.perf_counter()
-    slow, noise = controller(quick)
-    clock["e"] = time.perf_counter() - t0
+    slow, noise = timed("e", controller)
     show("(e) Controller: 2x slowdown on the device that matters most (throughput / optimum)", slow,
          note="fixed_plan_x_opt: the old plan at the new speeds; windows_to_repartition: windows from the first "
               "slowed window to the decision, counting both (the new plan runs from the next); recovered: mean after "
@@ -566,9 +562,7 @@ def main(argv: list[str] | None = None) -> dict:
     show("(e) Controller: no slowdown, log-normal noise (sigma 0.10: about +-10%), 100 windows", noise,
          note="repartitions: decisions to re-partition although no device changed; x_opt: throughput / optimum")
 
-    t0 = time.perf_counter()
-    sim, sim_info = simulator_vs_gloo(quick)
-    clock["f"] = time.perf_counter() - t0
+    sim, sim_info = timed("f", simulator_vs_gloo)
     if len(sim):
         cal = sim_info["calibration"]
         show("(f) Simulator vs measured gloo pipelines (stages use emulated compute: sleep, on a 2-core machine)",
