@@ -5,6 +5,7 @@ packages, and the generators are deterministic functions of their seed.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,20 +83,25 @@ def statsmodels_frame(name: str) -> pd.DataFrame:
 
 def gaussian_mixture(
     n: int, n_features: int = 2, n_regimes: int = 4, separation: float = 3.0,
-    n_classes: int = 2, seed: int = 0,
+    n_classes: int = 2, seed: int = 0, regime_weights: Sequence[float] | None = None,
+    noise: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A mixture of Gaussian regimes, each with its own linear labelling rule.
 
     Heterogeneity is controlled by ``separation`` (distance between regime centres, in units
     of the within-regime standard deviation); each regime draws its own weight vector, so a
-    single global linear model cannot fit all regimes.
+    single global linear model cannot fit all regimes. ``regime_weights`` (default equal) sets the
+    regimes' shares, and ``noise`` the scale of the logistic label noise. The centres and rules
+    depend on ``seed`` only, so two calls with the same seed and different ``regime_weights``
+    draw the same regimes in other proportions (a covariate drift).
 
     Returns:
         ``x`` (n, n_features) float32, ``y`` (n,) int64 class in [0, n_classes), and
         ``regime`` (n,) int64 in [0, n_regimes).
 
     Raises:
-        ValueError: a size is < 1 (or ``n_classes`` < 2), or ``separation`` is negative.
+        ValueError: a size is < 1 (or ``n_classes`` < 2), ``separation`` or ``noise`` is negative, or
+            ``regime_weights`` is not ``n_regimes`` non-negative numbers with a positive sum.
     """
     for name, v, lo in (("n", n, 1), ("n_features", n_features, 1), ("n_regimes", n_regimes, 1),
                         ("n_classes", n_classes, 2)):
@@ -103,12 +109,18 @@ def gaussian_mixture(
             raise ValueError(f"gaussian_mixture({name}={v!r}): expected an int >= {lo}")
     if not separation >= 0:
         raise ValueError(f"gaussian_mixture(separation={separation!r}): expected >= 0")
+    if not noise >= 0:
+        raise ValueError(f"gaussian_mixture(noise={noise!r}): expected >= 0")
+    share = np.full(n_regimes, 1 / n_regimes) if regime_weights is None else np.asarray(regime_weights, float)
+    if share.shape != (n_regimes,) or not np.all(share >= 0) or not share.sum() > 0:
+        raise ValueError(f"gaussian_mixture(regime_weights={regime_weights!r}): expected {n_regimes} "
+                         "non-negative numbers with a positive sum")
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(n_regimes, n_features)) * separation
     weights = rng.normal(size=(n_regimes, n_features))
-    regime = rng.integers(0, n_regimes, size=n)
+    regime = rng.choice(n_regimes, size=n, p=share / share.sum())
     x = centres[regime] + rng.normal(size=(n, n_features))
-    score = np.einsum("nd,nd->n", x - centres[regime], weights[regime]) + 0.5 * rng.logistic(size=n)
+    score = np.einsum("nd,nd->n", x - centres[regime], weights[regime]) + noise * rng.logistic(size=n)
     cuts = np.quantile(score, np.linspace(0, 1, n_classes + 1)[1:-1])  # balanced ordinal classes
     y = np.searchsorted(cuts, score)
     return (torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64),

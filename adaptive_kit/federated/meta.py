@@ -1,45 +1,77 @@
-"""Federated learning over clients' subsets: FedAvg, FedProx, one-shot averaging, Reptile and
-first-order MAML / Per-FedAvg, with personalised evaluation after local adaptation steps.
+"""The federated meta-learner: FedAvg, FedProx, one-shot averaging, Reptile, first-order MAML
+(Per-FedAvg) and Meta-SGD over clients' subsets, with personalised evaluation after local steps.
 
-Clients are vectorised: their data are padded to one (C, m, d) tensor with a (C, m) mask, and
-local gradient steps run for all clients at once under ``torch.func.vmap(grad(...))``. A
-round's local training is ``local_steps`` full-batch gradient steps from the global parameters;
-a client whose update is non-finite is reported and left out of that round's aggregate. The
-server keeps the global parameters with the best validation loss ("validation-driven global
-updates") and halves its step when a round makes validation worse.
+Clients are vectorised: each split (train / val / test) is padded to one (C, m, d) tensor with a
+(C, m) mask, and local gradient steps run for all clients at once under
+``torch.func.vmap(grad(...))``. A round (the seed's pseudocode):
+
+1. every client trains a local model from the broadcast global parameters — FedAvg / FedProx:
+   ``local_steps`` full-batch steps; Reptile: the same, and the meta-gradient is the
+   difference; Per-FedAvg (``fomaml``) and Meta-SGD (``metasgd``): one adaptation step on half
+   of the client's train rows and the meta-gradient of the loss on the other half —
+   first-order for Per-FedAvg, exact (second-order, through the step) for Meta-SGD, which also
+   learns one adaptation step size per parameter;
+2. a client whose update is not finite is left out of the aggregate and reported;
+3. the server averages the updates (weighted by rows) and steps: plain averaging for FedAvg /
+   FedProx, Adam on the meta-gradient for the meta-learners;
+4. validation drives the global model: the loss on the clients' validation rows after one
+   adaptation step is tracked, the best global model so far is kept, and the server step is
+   halved after ``patience`` rounds without improvement;
+5. the new global model is broadcast.
+
+With ``torch.distributed`` initialised and ``distributed=True``, each rank holds its own clients
+and the sums of step 3 and the validation loss go through ``all_reduce``; every rank then makes
+the same server step, and rank 0's parameters are broadcast. The result equals the one-process
+run on all clients (a test).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch.func import grad, vmap
 
 from . import ordinal
 
-METHODS = ("fedavg", "fedprox", "oneshot", "reptile", "fomaml")
+METHODS = ("fedavg", "fedprox", "oneshot", "reptile", "fomaml", "metasgd", "metacurv")
+META_METHODS = ("reptile", "fomaml", "metasgd", "metacurv")
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
 class Clients:
-    """Padded per-client train and test data (float64)."""
+    """Padded per-client data (float64): ``x[split]`` (C, m, d), ``y[split]`` (C, m), ``mask[split]``
+    (C, m) with 1 for real rows, for each split in train / val / test. ``ids`` are the clients'
+    global numbers (ranks hold a subset)."""
 
-    x: torch.Tensor  # (C, m, d)
-    y: torch.Tensor  # (C, m)
-    mask: torch.Tensor  # (C, m) 1 for real rows
-    x_test: torch.Tensor  # (C, m_test, d)
-    y_test: torch.Tensor
-    mask_test: torch.Tensor
+    x: dict[str, torch.Tensor]
+    y: dict[str, torch.Tensor]
+    mask: dict[str, torch.Tensor]
     classes: int
+    ids: torch.Tensor
 
     @property
     def n(self) -> int:
-        return self.x.shape[0]
+        return len(self.ids)
+
+    @property
+    def features(self) -> int:
+        return self.x["train"].shape[-1]
 
     @property
     def sizes(self) -> torch.Tensor:
-        return self.mask.sum(1)
+        """Train rows per client."""
+        return self.mask["train"].sum(1)
+
+    def subset(self, which: Sequence[int] | torch.Tensor) -> Clients:
+        """The clients at positions ``which`` (e.g. the ones a rank holds)."""
+        idx = torch.as_tensor(which, dtype=torch.long)
+        pick = {s: v[idx] for s, v in self.x.items()}
+        return Clients(pick, {s: v[idx] for s, v in self.y.items()},
+                       {s: v[idx] for s, v in self.mask.items()}, self.classes, self.ids[idx])
 
 
 def _pad(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,77 +85,103 @@ def _pad(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tens
     return x, y, mask
 
 
-def make_clients(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, test_fraction: float = 0.3,
-                 seed: int = 0, classes: int | None = None) -> Clients:
-    """One client per part of ``labels``, each with its own seeded train / test split.
+def make_clients(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, val_fraction: float = 0.2,
+                 test_fraction: float = 0.2, seed: int = 0, classes: int | None = None) -> Clients:
+    """One client per part of ``labels``, each with its own seeded train / val / test split.
 
     Raises:
-        ValueError: NaN features, labels not 0..J-1, a part with fewer than 2 rows.
+        ValueError: NaN features, labels not 0..J-1, fractions outside (0, 1) or summing to >= 1,
+            a part with fewer than 3 rows.
     """
     if not torch.isfinite(x).all():
         r, c = (~torch.isfinite(x)).nonzero()[0].tolist()
         raise ValueError(f"x has non-finite values (first at row {r}, column {c})")
+    if len(labels) != len(x) or len(y) != len(x):
+        raise ValueError(f"x, y and labels need the same rows, got {len(x)}, {len(y)}, {len(labels)}")
     classes = classes or ordinal.check_ordinal(y)
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 < f < 1:
+            raise ValueError(f"{name} must be in (0, 1), got {f!r}")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction!r}")
     g = torch.Generator().manual_seed(seed)
-    train, test = [], []
-    for p in torch.unique(labels).tolist():
+    splits: dict[str, list] = {s: [] for s in SPLITS}
+    parts = torch.unique(labels)
+    for p in parts.tolist():
         idx = (labels == p).nonzero()[:, 0]
-        if len(idx) < 2:
-            raise ValueError(f"part {p} has {len(idx)} row(s); a client needs at least 2")
+        if len(idx) < 3:
+            raise ValueError(f"part {p} has {len(idx)} row(s); a client needs at least 3 (train, val, test)")
         idx = idx[torch.randperm(len(idx), generator=g)]
-        cut = max(1, int(round(len(idx) * test_fraction)))
-        test.append((x[idx[:cut]], y[idx[:cut]]))
-        train.append((x[idx[cut:]], y[idx[cut:]]))
-    return Clients(*_pad(train), *_pad(test), classes)
+        n_val = max(1, int(round(len(idx) * val_fraction)))
+        n_test = max(1, int(round(len(idx) * test_fraction)))
+        for s, rows in zip(SPLITS, (idx[n_val + n_test:], idx[:n_val], idx[n_val:n_val + n_test])):
+            splits[s].append((x[rows], y[rows]))
+    padded = {s: _pad(v) for s, v in splits.items()}
+    return Clients({s: v[0] for s, v in padded.items()}, {s: v[1] for s, v in padded.items()},
+                   {s: v[2] for s, v in padded.items()}, classes, torch.arange(len(parts)))
 
 
 @dataclass(frozen=True)
 class MetaConfig:
-    method: str = "fomaml"
+    method: str = "metasgd"
     rounds: int = 30
-    local_steps: int = 5
-    local_lr: float = 0.5  # client gradient steps (and the adaptation steps at evaluation)
-    server_lr: float = 1.0  # Reptile / FO-MAML meta step; FedAvg / FedProx use 1 (plain averaging)
+    local_steps: int = 5  # FedAvg / FedProx / Reptile client steps per round
+    local_lr: float = 0.5  # client and adaptation step (Meta-SGD: its initial per-parameter step)
+    server_lr: float = 0.05  # Adam step of the meta-learners (FedAvg / FedProx average plainly)
     mu: float = 0.1  # FedProx proximal weight
     l2: float = 1e-4
+    patience: int = 5  # rounds without validation improvement before the server step halves
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("rounds", "local_steps"):
+        for name in ("rounds", "local_steps", "patience"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         for name in ("local_lr", "server_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if not self.mu >= 0 or not self.l2 >= 0:
-            raise ValueError(f"mu and l2 must be >= 0, got mu={self.mu!r}, l2={self.l2!r}")
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        for name in ("mu", "l2"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
+@dataclass
+class MetaModel:
+    """A global model and the per-parameter adaptation steps clients take from it."""
+
+    params: torch.Tensor  # (P,)
+    steps: torch.Tensor  # (P,) adaptation step sizes (all local_lr except for Meta-SGD)
 
 
 @dataclass
 class MetaResult:
-    params: torch.Tensor  # the global model
-    history: list[dict] = field(default_factory=list)  # per round: val_loss, server_lr, failed
-    failed: list[tuple[int, int]] = field(default_factory=list)  # (round, client) left out
+    model: MetaModel  # the best global model on validation
+    history: list[dict] = field(default_factory=list)  # per round: val_loss, val_mae, server_lr, failed
+    failed: list[tuple[int, int]] = field(default_factory=list)  # (round, client id) left out
     bytes_per_client: int = 0  # sent + received over all rounds
+    best_round: int = -1
 
 
 def _loss(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, classes: int, l2: float) -> torch.Tensor:
     return ordinal.nll(p, x, y, classes, w) + l2 * (p[: x.shape[-1]] ** 2).sum()
 
 
-def adapt(params: torch.Tensor, clients: Clients, steps: int, lr: float, l2: float = 1e-4,
-          prox: tuple[torch.Tensor, float] | None = None, rows: slice | None = None) -> torch.Tensor:
-    """(C, P) parameters after ``steps`` full-batch gradient steps on each client's train rows,
-    from ``params`` (P,) or (C, P); ``prox`` = (anchor, mu) adds FedProx's proximal term."""
+def adapt(params: torch.Tensor, clients: Clients, steps: int, lr: float | torch.Tensor, l2: float = 1e-4,
+          prox: tuple[torch.Tensor, float] | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(C, P) parameters after ``steps`` full-batch gradient steps on each client's train rows
+    (``weight`` (C, m) selects rows; default all) from ``params`` (P,) or (C, P). ``lr`` is a
+    number or a (P,) vector of per-parameter steps; ``prox`` = (anchor, mu) adds FedProx's term."""
     c = clients
-    rows = rows or slice(None)
-    x, y, w = c.x[:, rows], c.y[:, rows], c.mask[:, rows]
+    x, y = c.x["train"], c.y["train"]
+    w = c.mask["train"] if weight is None else weight
     p = params.expand(c.n, -1).clone() if params.dim() == 1 else params.clone()
+    if steps == 0:
+        return p
 
     def objective(pi, xi, yi, wi, anchor, mu):
         return _loss(pi, xi, yi, wi, c.classes, l2) + 0.5 * mu * ((pi - anchor) ** 2).sum()
@@ -131,97 +189,188 @@ def adapt(params: torch.Tensor, clients: Clients, steps: int, lr: float, l2: flo
     g = vmap(grad(objective), in_dims=(0, 0, 0, 0, None, None))
     anchor, mu = prox if prox is not None else (p[0].detach(), 0.0)
     for _ in range(steps):
-        p = p - lr * g(p, x, y, w, anchor, mu)
+        gr = g(p, x, y, w, anchor, mu)
+        p = p - (gr @ lr.T if isinstance(lr, torch.Tensor) and lr.dim() == 2 else lr * gr)
     return p
 
 
-def _split_rows(m: int) -> tuple[slice, slice]:
-    half = max(1, m // 2)
-    return slice(0, half), slice(half, m)
+def _halves(clients: Clients) -> tuple[torch.Tensor, torch.Tensor]:
+    """(support, query) row weights: alternate real train rows (rows are shuffled per client)."""
+    w = clients.mask["train"]
+    even = (torch.arange(w.shape[1]) % 2 == 0).double()
+    return w * even, w * (1 - even)
 
 
-def evaluate(params: torch.Tensor, clients: Clients, steps: Sequence[int] = (0, 1, 5), lr: float = 0.5,
-             l2: float = 1e-4) -> dict[int, dict[str, torch.Tensor]]:
-    """Per client test accuracy and MAE after 0, 1, 5 ... personalisation steps from ``params``."""
-    out = {}
+def evaluate(model: MetaModel | torch.Tensor, clients: Clients, steps: Sequence[int] = (0, 1, 5),
+             lr: float = 0.5, l2: float = 1e-4, split: str = "test") -> dict[int, dict[str, torch.Tensor]]:
+    """Per-client accuracy (of the most probable class), MAE (of the median class) and loss on ``split`` after 0, 1, 5 ... adaptation steps on the
+    client's train rows from ``model`` (a :class:`MetaModel`, a (P,) global or (C, P) per-client
+    parameters, adapted with ``lr``)."""
     c = clients
+    params, step = (model.params, model.steps) if isinstance(model, MetaModel) else (model, lr)
+    x, y, w = c.x[split], c.y[split], c.mask[split]
+    out = {}
     for s in steps:
-        p = adapt(params, c, s, lr, l2) if s else params.expand(c.n, -1)
-        pred = vmap(lambda pi, xi: ordinal.class_probs(pi, xi, c.classes).argmax(-1))(p, c.x_test)
-        w = c.mask_test
-        err = (pred - c.y_test).abs().double()
-        out[s] = {"accuracy": ((err == 0).double() * w).sum(1) / w.sum(1), "mae": (err * w).sum(1) / w.sum(1)}
+        p = adapt(params, c, s, step, l2)
+        mode = vmap(lambda pi, xi: ordinal.predict(pi, xi, c.classes))(p, x)
+        median = vmap(lambda pi, xi: ordinal.predict(pi, xi, c.classes, "median"))(p, x)
+        loss = vmap(lambda pi, xi, yi, wi: ordinal.nll(pi, xi, yi, c.classes, wi))(p, x, y, w)
+        out[s] = {"accuracy": ((mode == y).double() * w).sum(1) / w.sum(1),
+                  "mae": ((median - y).abs().double() * w).sum(1) / w.sum(1), "loss": loss}
     return out
 
 
-def local_only(clients: Clients, steps: int = 200, lr: float = 0.5, l2: float = 1e-4) -> torch.Tensor:
+def local_only(clients: Clients, steps: int = 300, lr: float = 0.5, l2: float = 1e-4) -> torch.Tensor:
     """(C, P) each client trained alone (the yardstick personalisation must not fall below)."""
-    p0 = ordinal.init_params(clients.x.shape[-1], clients.classes)
+    p0 = ordinal.init_params(clients.features, clients.classes)
     return adapt(p0, clients, steps, lr, l2)
 
 
-def train(clients: Clients, config: MetaConfig = MetaConfig(), val: Clients | None = None,
-          fail: dict[int, list[int]] | None = None) -> MetaResult:
-    """Train a global model over ``clients`` with ``config.method``.
+def _allreduce(t: torch.Tensor, on: bool) -> torch.Tensor:
+    if on:
+        dist.all_reduce(t)
+    return t
 
-    ``val`` (default: the clients' own test rows after 1 adaptation step) drives the server: a
-    round that makes the validation loss worse halves the server step and is undone.
-    ``fail`` maps a round to clients whose update is replaced by NaN there (fault injection).
+
+def _val(model: MetaModel, c: Clients, l2: float, on: bool) -> tuple[float, float]:
+    """Mean over all clients of validation loss and MAE after one adaptation step."""
+    ev = evaluate(model, c, (1,), l2=l2, split="val")[1]
+    loss = torch.nan_to_num(ev["loss"], nan=torch.inf)
+    s = _allreduce(torch.stack([loss.sum(), ev["mae"].sum(), torch.tensor(float(c.n), dtype=torch.float64)]), on)
+    return float(s[0] / s[2]), float(s[1] / s[2])
+
+
+def _local_update(p: torch.Tensor, steps: torch.Tensor, c: Clients, cfg: MetaConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, P) per-client parameter update direction (FedAvg-style: the local model; meta: the
+    meta-gradient) and (C, P) the Meta-SGD step-size gradient (zeros otherwise)."""
+    zero = torch.zeros(c.n, steps.numel(), dtype=p.dtype)
+    if cfg.method in ("fedavg", "fedprox", "reptile"):
+        prox = (p, cfg.mu) if cfg.method == "fedprox" else None
+        local = adapt(p, c, cfg.local_steps, cfg.local_lr, cfg.l2, prox=prox)
+        return (local if cfg.method != "reptile" else p - local), zero
+    support, query = _halves(c)
+
+    def meta_loss(pi, st, xi, yi, si, qi):
+        gs_ = grad(_loss)(pi, xi, yi, si, c.classes, cfg.l2)
+        inner = pi - (st @ gs_ if cfg.method == "metacurv" else torch.exp(st) * gs_)
+        if cfg.method == "fomaml":
+            inner = inner.detach()  # first order: the query gradient at the adapted point
+            return _loss(inner + pi - pi.detach(), xi, yi, qi, c.classes, cfg.l2)
+        return _loss(inner, xi, yi, qi, c.classes, cfg.l2)
+
+    gp, gs = vmap(grad(meta_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0, 0, 0))(
+        p, steps if cfg.method == "metacurv" else torch.log(steps), c.x["train"], c.y["train"], support, query)
+    if cfg.method in ("metasgd", "metacurv"):
+        return gp, gs.reshape(c.n, -1)
+    return gp, zero
+
+
+def train(clients: Clients, config: MetaConfig = MetaConfig(), fail: dict[int, list[int]] | None = None,
+          distributed: bool = False, progress: bool = False, callback=None) -> MetaResult:
+    """Train a global model over ``clients`` with ``config.method`` (see the module docstring).
+
+    ``fail`` maps a round to client ids whose update is replaced by NaN there (fault injection);
+    ``callback(round, model, history_row)`` is called after each round (live panels).
     """
-    cfg = config
-    c = clients
+    cfg, c = config, clients
+    on = distributed and dist.is_available() and dist.is_initialized()
     torch.manual_seed(cfg.seed)
-    d = c.x.shape[-1]
-    p_global = ordinal.init_params(d, c.classes)
-    size = p_global.numel() * p_global.element_size()
+    p = ordinal.init_params(c.features, c.classes)
+    model = MetaModel(p, torch.eye(p.numel(), dtype=p.dtype) * cfg.local_lr if cfg.method == "metacurv"
+                      else torch.full_like(p, cfg.local_lr))
+    per_msg = (p.numel() + (model.steps.numel() if cfg.method in ("metasgd", "metacurv") else 0)) * p.element_size()
     sizes = c.sizes
-    result = MetaResult(p_global)
+    result = MetaResult(MetaModel(p.clone(), model.steps.clone()))
     if cfg.method == "oneshot":  # the divide-and-conquer combiner: fit each alone, average once
-        local = adapt(p_global, c, cfg.local_steps * cfg.rounds, cfg.local_lr, cfg.l2)
+        local = adapt(p, c, cfg.local_steps * cfg.rounds, cfg.local_lr, cfg.l2)
+        _inject(local, c, (fail or {}).get(0, []))
         ok = torch.isfinite(local).all(1)
-        result.params = (local[ok] * sizes[ok, None]).sum(0) / sizes[ok].sum()
-        result.failed = [(0, i) for i in (~ok).nonzero()[:, 0].tolist()]
-        result.bytes_per_client = 2 * size
+        w = sizes * ok
+        s = _allreduce(torch.cat([(torch.nan_to_num(local) * w[:, None]).sum(0), w.sum()[None]]), on)
+        result.model.params = s[:-1] / s[-1].clamp(min=1e-12)
+        result.failed = _failures(0, c, ok, on)
+        result.bytes_per_client = 2 * per_msg
         return result
-    val = val or c
-    lr = cfg.server_lr if cfg.method in ("reptile", "fomaml") else 1.0
-    best = _val_loss(p_global, val, cfg)
-    support, query = _split_rows(c.x.shape[1])
-    for r in range(cfg.rounds):
-        if cfg.method == "fomaml":  # Per-FedAvg (first order): adapt on half, gradient on the other half
-            inner = adapt(p_global, c, 1, cfg.local_lr, cfg.l2, rows=support)
-            gq = vmap(grad(_loss), in_dims=(0, 0, 0, 0, None, None))(
-                inner, c.x[:, query], c.y[:, query], c.mask[:, query], c.classes, cfg.l2)
-            local = p_global - cfg.local_lr * gq  # a local model in parameter space, for aggregation
+    meta = cfg.method in META_METHODS
+    server_lr = cfg.server_lr
+    k = p.numel() + model.steps.numel()
+    opt_state = [torch.zeros(k, dtype=p.dtype), torch.zeros(k, dtype=p.dtype), 0]
+    best, _ = _val(model, c, cfg.l2, on)
+    stale = 0
+    rounds = range(cfg.rounds)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rounds = tqdm(rounds, desc=f"{cfg.method}", leave=False)
+    for r in rounds:
+        upd, step_grad = _local_update(model.params, model.steps, c, cfg)
+        _inject(upd, c, (fail or {}).get(r, []))
+        ok = torch.isfinite(upd).all(1) & torch.isfinite(step_grad).all(1)
+        failed = _failures(r, c, ok, on)
+        result.failed += failed
+        w = sizes * ok
+        s = _allreduce(torch.cat([(torch.nan_to_num(upd) * w[:, None]).sum(0),
+                                  (torch.nan_to_num(step_grad) * w[:, None]).sum(0), w.sum()[None]]), on)
+        if s[-1] > 0:
+            mean = s[:-1] / s[-1]
+            if meta:
+                _adam(model, mean, opt_state, server_lr, learn=cfg.method)
+            else:
+                model.params = mean[: p.numel()].clone()
+        if on:
+            for t in (model.params, model.steps):
+                dist.broadcast(t, 0)
+        loss, mae = _val(model, c, cfg.l2, on)
+        if loss < best - 1e-9:
+            best, stale = loss, 0
+            result.model = MetaModel(model.params.clone(), model.steps.clone())
+            result.best_round = r
         else:
-            prox = (p_global, cfg.mu) if cfg.method == "fedprox" else None
-            local = adapt(p_global, c, cfg.local_steps, cfg.local_lr, cfg.l2, prox=prox)
-        for i in (fail or {}).get(r, []):
-            local[i] = float("nan")
-        ok = torch.isfinite(local).all(1)
-        result.failed += [(r, i) for i in (~ok).nonzero()[:, 0].tolist()]
-        if not ok.any():
-            result.history.append({"round": r, "val_loss": best, "server_lr": lr, "failed": int((~ok).sum())})
-            continue
-        mean = (local[ok] * sizes[ok, None]).sum(0) / sizes[ok].sum()
-        candidate = p_global + lr * (mean - p_global)
-        loss = _val_loss(candidate, val, cfg)
-        if loss <= best or cfg.method in ("fedavg", "fedprox"):
-            p_global, best = candidate, min(best, loss)
-        else:
-            lr *= 0.5
-        result.history.append({"round": r, "val_loss": loss, "server_lr": lr, "failed": int((~ok).sum())})
-        result.bytes_per_client += 2 * size
-    result.params = p_global
+            stale += 1
+            if stale >= cfg.patience:
+                server_lr, stale = server_lr / 2, 0
+        row = {"round": r, "val_loss": loss, "val_mae": mae, "best_val_loss": best, "server_lr": server_lr,
+               "failed": len(failed)}
+        result.history.append(row)
+        result.bytes_per_client += 2 * per_msg
+        if callback is not None:
+            callback(r, model, row)
     return result
 
 
-def _val_loss(p: torch.Tensor, val: Clients, cfg: MetaConfig) -> float:
-    """Mean over clients of the test loss after one adaptation step (what personalisation sees)."""
-    adapted = adapt(p, val, 1, cfg.local_lr, cfg.l2)
-    losses = vmap(lambda pi, xi, yi, wi: ordinal.nll(pi, xi, yi, val.classes, wi))(
-        adapted, val.x_test, val.y_test, val.mask_test)
-    return float(losses.mean()) if torch.isfinite(losses).all() else float("inf")
+def _inject(upd: torch.Tensor, c: Clients, ids: Sequence[int]) -> None:
+    for i in ids:
+        hit = (c.ids == i).nonzero()[:, 0]
+        upd[hit] = float("nan")
+
+
+def _failures(r: int, c: Clients, ok: torch.Tensor, on: bool) -> list[tuple[int, int]]:
+    """(round, client id) of every failed client on every rank."""
+    bad = torch.zeros(int(c.ids.max()) + 1 if c.n else 0, dtype=torch.float64)
+    if on:  # ids are global: gather them by summing indicator vectors of the largest size
+        size = torch.tensor([float(len(bad))], dtype=torch.float64)
+        dist.all_reduce(size, op=dist.ReduceOp.MAX)
+        bad = torch.zeros(int(size), dtype=torch.float64)
+    bad[c.ids[~ok]] = 1.0
+    _allreduce(bad, on)
+    return [(r, int(i)) for i in bad.nonzero()[:, 0].tolist()]
+
+
+def _adam(model: MetaModel, g: torch.Tensor, state: list, lr: float, learn: str,
+          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """One Adam step on [params, log steps] with the mean meta-gradient ``g``."""
+    m, v, t = state
+    t += 1
+    m.mul_(betas[0]).add_(g, alpha=1 - betas[0])
+    v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+    step = lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+    n = model.params.numel()
+    model.params = model.params - step[:n]
+    if learn == "metasgd":
+        model.steps = torch.exp(torch.log(model.steps) - step[n:])
+    elif learn == "metacurv":
+        model.steps = model.steps - step[n:].view_as(model.steps)
+    state[2] = t
 
 
 def summary(ev: dict[int, dict[str, torch.Tensor]], alone: dict[int, dict[str, torch.Tensor]] | None = None) -> dict:
@@ -233,3 +382,20 @@ def summary(ev: dict[int, dict[str, torch.Tensor]], alone: dict[int, dict[str, t
             out[f"worse_than_alone_{s}"] = float((v["mae"] > ref + 1e-12).double().mean())
     return out
 
+
+
+def _worker(rank: int, world: int, clients: Clients, config: MetaConfig, fail: dict | None) -> MetaResult:
+    from .partition import assign_resources
+
+    mine = assign_resources(clients.sizes.tolist(), world)[rank]
+    return train(clients.subset(sorted(mine)), config, fail=fail, distributed=True)
+
+
+def train_distributed(clients: Clients, config: MetaConfig = MetaConfig(), world_size: int = 2,
+                      fail: dict[int, list[int]] | None = None, **launch_kwargs) -> MetaResult:
+    """:func:`train` with clients as ranks: each of ``world_size`` gloo processes (or this rank under
+    torchrun) holds the clients :func:`~adaptive_kit.federated.partition.assign_resources` gives it
+    (balanced by rows). Returns rank 0's result (every rank holds the same model)."""
+    from ..distributed import run
+
+    return run(_worker, world_size, (clients, config, fail), **launch_kwargs)[0]

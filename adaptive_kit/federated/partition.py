@@ -1,15 +1,19 @@
 """The dynamic partitioning engine: recursive, density- and importance-driven splits of the data.
 
-The leaf with the highest priority — size x relative density x importance-weighted spread, so
-dense, heterogeneous regions split first — is split in two until the granularity's number of
-parts is reached or no leaf has 2 x ``min_size`` rows. A split runs 2-means on the
-importance-scaled features, projects the rows on the line between the two centres and cuts
-at the 1-d 2-means threshold, clipped to the quantiles 0.5 +- ``balance``: the cluster's
-direction (k-means quality) at near-median balance (kd-tree balance). The tree routes new rows.
+The granularity sets the number of parts P (1 at 0, the most ``min_size`` allows at 1). A node
+that must hold t parts is cut in two along the direction between its 2-means centres (in
+features scaled by importance, so important features drive the cuts). The cut is the one with
+the least within-sum of squares along that line (1-d 2-means) among the cuts that give the two
+sides whole numbers of parts, t_left + t_right = t, with no side above ``(1 + balance) x n / P``
+rows per part nor below ``min_size``. So no part is larger than (1 + balance) times the mean
+(kd-tree balance) while cuts fall in the gaps between clusters (k-means quality); with parts of
+about equal counts, dense regions end up in more and smaller parts, i.e. are split more finely.
+The tree of cuts routes new rows to their parts.
 """
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,30 +64,41 @@ def n_parts(n: int, granularity: float, min_size: int, max_parts: int = 64) -> i
     return 1 + round(granularity * (most - 1))
 
 
-def _split(z: torch.Tensor, balance: float, seed: int) -> tuple[torch.Tensor, float]:
+def _cut(z: torch.Tensor, t: int, cap: float, min_size: int, seed: int) -> tuple[torch.Tensor, float, int]:
+    """(direction, threshold, parts on the left) for a node of ``t`` parts (module docstring);
+    ``cap`` is the most rows a part may hold."""
     centres, _ = kmeans(z, 2, iters=20, seed=seed)
     direction = centres[1] - centres[0]
-    if direction.norm() == 0:
+    if direction.norm() == 0:  # all rows equal: cut the first feature at its order
         direction = torch.zeros_like(direction)
         direction[0] = 1.0
     direction = direction / direction.norm()
     proj, _ = torch.sort(z @ direction)
     n = len(proj)
-    lo, hi = max(1, int((0.5 - balance) * n)), min(n - 1, int(round((0.5 + balance) * n)))
-    cut = lo
-    if hi > lo:  # 1-d 2-means: the cut minimising the within sum of squares
-        csum, csq = torch.cumsum(proj, 0), torch.cumsum(proj ** 2, 0)
+    csum, csq = torch.cumsum(proj.double(), 0), torch.cumsum(proj.double() ** 2, 0)
+    best = (float("inf"), t // 2, round(n * (t // 2) / t))  # equal counts if no cut is feasible
+    for t_left in range(1, t):
+        t_right = t - t_left
+        lo = max(math.ceil(n - t_right * cap), t_left * min_size, 1)
+        hi = min(math.floor(t_left * cap), n - t_right * min_size, n - 1)
+        if hi < lo:
+            continue
         m = torch.arange(lo, hi + 1, device=z.device)
-        left = csq[m - 1] - csum[m - 1] ** 2 / m
-        right = (csq[-1] - csq[m - 1]) - (csum[-1] - csum[m - 1]) ** 2 / (n - m)
-        cut = int(m[torch.argmin(left + right)])
-    return direction, float(0.5 * (proj[cut - 1] + proj[cut]))
+        sse = (csq[m - 1] - csum[m - 1] ** 2 / m) + ((csq[-1] - csq[m - 1]) - (csum[-1] - csum[m - 1]) ** 2 / (n - m))
+        i = int(torch.argmin(sse))
+        if float(sse[i]) < best[0]:
+            best = (float(sse[i]), t_left, int(m[i]))
+    _, t_left, cut = best
+    return direction, float(0.5 * (proj[cut - 1] + proj[cut])), t_left
 
 
 def adaptive_partition(x: torch.Tensor, y: torch.Tensor, granularity: float, min_size: int, *,
-                       max_parts: int = 64, balance: float = 0.02, profile: DataProfile | None = None,
+                       max_parts: int = 64, balance: float = 0.1, profile: DataProfile | None = None,
                        seed: int = 0) -> DataPartition:
     """Split ``x`` recursively into the granularity's number of parts (see the module docstring).
+
+    ``balance`` bounds the largest part at (1 + balance) x the mean part (ties in the projection
+    aside); 0 gives equal counts.
 
     Raises:
         ValueError: granularity outside [0, 1], min_size < 1 or larger than the data, NaN features,
@@ -96,56 +111,37 @@ def adaptive_partition(x: torch.Tensor, y: torch.Tensor, granularity: float, min
         raise ValueError(f"balance must be in [0, 0.5], got {balance!r}")
     prof = profile or profile_data(x, y, clusters=min(4, n), k=min(10, n - 1) if n > 1 else 1, seed=seed)
     scale = torch.sqrt(prof.importance.float().to(x.device) * d)
-    z = (x - x.mean(0)) / x.std(0).clamp(min=1e-12) * scale if n > 1 else x
-    rel_density = torch.exp(prof.log_density - prof.log_density.max()) if n > 1 else torch.ones(n)
-
-    def priority(idx: torch.Tensor) -> float:
-        spread = float(z[idx].var(dim=0).sum()) if len(idx) > 1 else 0.0
-        return len(idx) * (1 + float(rel_density[idx].mean())) * (1 + spread)
-
-    leaves: dict[int, torch.Tensor] = {0: torch.arange(n, device=x.device)}  # node id -> rows
-    heap = [(-priority(leaves[0]), 0)]
+    mean, std = (x.mean(0), x.std(0).clamp(min=1e-12)) if n > 1 else (torch.zeros(d), torch.ones(d))
+    z = (x - mean) / std * scale
+    cap = (1 + balance) * n / target
     directions, thresholds, children = [], [], []
-    parent: dict[int, tuple[int, int]] = {}  # node id -> (internal index, side)
-    next_id = 1
-    while len(leaves) < target and heap:
-        _, node = heapq.heappop(heap)
-        rows = leaves[node]
-        if len(rows) < 2 * min_size:
-            continue
-        direction, threshold = _split(z[rows], balance, seed + node)
+    labels = torch.zeros(n, dtype=torch.long, device=x.device)
+    parts = 0
+
+    def build(rows: torch.Tensor, t: int) -> int:
+        """Child code of a node: >= 0 an internal node's index, < 0 a leaf -(part + 1)."""
+        nonlocal parts
+        if t == 1 or len(rows) < 2:
+            labels[rows] = parts
+            parts += 1
+            return -parts
+        direction, threshold, t_left = _cut(z[rows], t, cap, min_size, seed + len(children))
         right = (z[rows] @ direction) > threshold
-        if right.all() or (~right).all():
-            continue
+        if right.all() or (~right).all():  # ties: the data cannot be cut here
+            return build(rows, 1)
         internal = len(children)
         directions.append(direction)
         thresholds.append(threshold)
-        children.append((-1, -1))
-        if node in parent:
-            p, side = parent[node]
-            c = list(children[p])
-            c[side] = internal
-            children[p] = (c[0], c[1])
-        del leaves[node]
-        for side, part_rows in enumerate((rows[~right], rows[right])):
-            leaves[next_id] = part_rows
-            parent[next_id] = (internal, side)
-            heapq.heappush(heap, (-priority(part_rows), next_id))
-            next_id += 1
-    labels = torch.zeros(n, dtype=torch.long, device=x.device)
-    for part, (node, rows) in enumerate(sorted(leaves.items())):
-        labels[rows] = part
-        if node in parent:
-            p, side = parent[node]
-            c = list(children[p])
-            c[side] = -(part + 1)
-            children[p] = (c[0], c[1])
+        children.append((0, 0))
+        children[internal] = (build(rows[~right], t_left), build(rows[right], t - t_left))
+        return internal
+
+    build(torch.arange(n, device=x.device), target)
     # routing works in z-space: fold the standardisation into directions and thresholds
-    mean, std = (x.mean(0), x.std(0).clamp(min=1e-12)) if n > 1 else (torch.zeros(d), torch.ones(d))
     dirs = torch.stack(directions) if directions else torch.zeros(0, d)
     w = dirs * scale / std
     t = torch.tensor(thresholds, dtype=torch.float32) + (w * mean).sum(1) if directions else torch.zeros(0)
-    return DataPartition(labels, w, t, children, len(leaves))
+    return DataPartition(labels, w, t, children, parts)
 
 
 def assign_resources(sizes: torch.Tensor | list[int], resources: int) -> list[list[int]]:
