@@ -399,3 +399,4 @@ def train_distributed(clients: Clients, config: MetaConfig = MetaConfig(), world
     from ..distributed import run
 
     return run(_worker, world_size, (clients, config, fail), **launch_kwargs)[0]
+
