@@ -27,6 +27,7 @@ run on all clients (a test).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -395,8 +396,16 @@ def train_distributed(clients: Clients, config: MetaConfig = MetaConfig(), world
                       fail: dict[int, list[int]] | None = None, **launch_kwargs) -> MetaResult:
     """:func:`train` with clients as ranks: each of ``world_size`` gloo processes (or this rank under
     torchrun) holds the clients :func:`~adaptive_kit.federated.partition.assign_resources` gives it
-    (balanced by rows). Returns rank 0's result (every rank holds the same model)."""
-    from ..distributed import run
+    (balanced by rows). Returns rank 0's result (every rank holds the same model).
+
+    Raises:
+        ValueError: more ranks than clients.
+    """
+    from ..distributed import is_torchrun, run
+
+    world = int(os.environ["WORLD_SIZE"]) if is_torchrun() else world_size
+    if world > clients.n:
+        raise ValueError(f"world_size {world} exceeds the {clients.n} clients; every rank needs one")
 
     return run(_worker, world_size, (clients, config, fail), **launch_kwargs)[0]
 
