@@ -221,10 +221,16 @@ def evaluate(model: MetaModel | torch.Tensor, clients: Clients, steps: Sequence[
     return out
 
 
-def local_only(clients: Clients, steps: int = 300, lr: float = 0.5, l2: float = 1e-4) -> torch.Tensor:
-    """(C, P) each client trained alone (the yardstick personalisation must not fall below)."""
-    p0 = ordinal.init_params(clients.features, clients.classes)
-    return adapt(p0, clients, steps, lr, l2)
+def local_only(clients: Clients, l2: float = 1e-4, max_iter: int = 100) -> torch.Tensor:
+    """(C, P) each client fitted alone to convergence (L-BFGS on its train rows): the yardstick
+    personalisation must not fall below. A client missing classes keeps the thresholds' init."""
+    out = []
+    for i in range(clients.n):
+        rows = clients.mask["train"][i] > 0
+        x, y = clients.x["train"][i, rows], clients.y["train"][i, rows]
+        init = ordinal.init_params(clients.features, clients.classes, y)
+        out.append(ordinal.fit(x, y, clients.classes, l2=l2, init=init, max_iter=max_iter).params)
+    return torch.stack(out)
 
 
 def _allreduce(t: torch.Tensor, on: bool) -> torch.Tensor:
