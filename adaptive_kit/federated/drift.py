@@ -26,7 +26,7 @@ import torch
 from scipy import stats
 
 from . import ordinal
-from .partition import DataPartition, adaptive_partition
+from .partition import DataPartition, adaptive_partition, choose_granularity
 
 
 def _check_batch(v: torch.Tensor | np.ndarray | Sequence[float], name: str = "batch") -> torch.Tensor:
@@ -165,7 +165,7 @@ def _fit_parts(x: torch.Tensor, y: torch.Tensor, part: DataPartition, classes: i
 
 
 def follow_stream(x: torch.Tensor, y: torch.Tensor, *, warmup: int = 5, refit_batches: int = 5,
-                  granularity: float = 0.5, min_size: int = 50, detectors: dict | None = None,
+                  granularity: float | str = 0.5, min_size: int = 50, detectors: dict | None = None,
                   trigger: Sequence[str] | None = None, seed: int = 0, progress: bool = False) -> StreamRun:
     """Run the partition-and-fit loop over batches ``x`` (B, b, d), ``y`` (B, b).
 
@@ -174,6 +174,7 @@ def follow_stream(x: torch.Tensor, y: torch.Tensor, *, warmup: int = 5, refit_ba
     the loss, KS on the features). When one in ``trigger`` (default all) fires, the last
     ``refit_batches`` batches are re-profiled and re-partitioned, models refitted, detectors reset;
     ``refit_batches`` later the partition is rebuilt once more, on rows all after the alarm.
+    ``granularity="auto"`` picks it at every rebuild by :func:`~.partition.choose_granularity`.
     """
     if x.dim() != 3 or y.shape != x.shape[:2]:
         raise ValueError(f"x must be (batches, batch, d) and y (batches, batch); got {tuple(x.shape)}, {tuple(y.shape)}")
@@ -186,7 +187,9 @@ def follow_stream(x: torch.Tensor, y: torch.Tensor, *, warmup: int = 5, refit_ba
     def rebuild(upto: int, first: int, reference: torch.Tensor) -> tuple[DataPartition, list[torch.Tensor]]:
         """Partition and fit batches [first, upto); KS compares later batches with ``reference``."""
         xs, ys = x[first:upto].reshape(-1, x.shape[-1]), y[first:upto].reshape(-1)
-        part = adaptive_partition(xs, ys, granularity, min(min_size, len(xs)), seed=seed)
+        size = min(min_size, len(xs))
+        gran = choose_granularity(xs, ys, size, seed=seed)[0] if granularity == "auto" else granularity
+        part = adaptive_partition(xs, ys, gran, size, seed=seed)
         for det in detectors.values():
             det.reset(reference.reshape(-1, x.shape[-1]).numpy()) if isinstance(det, KSDrift) else det.reset()
         return part, _fit_parts(xs.double(), ys, part, classes)

@@ -156,3 +156,37 @@ def assign_resources(sizes: torch.Tensor | list[int], resources: int) -> list[li
         out[r].append(part)
         heapq.heappush(heap, (load + sizes[part], r))
     return out
+
+
+def choose_granularity(x: torch.Tensor, y: torch.Tensor, min_size: int, grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
+                       *, max_parts: int = 64, holdout: float = 0.25, l2: float = 1e-3, seed: int = 0) -> tuple[float, dict[float, float]]:
+    """The granularity whose partition's local ordinal models score best on held-out rows (the
+    seed's "adjust the granularity on observed performance"); returns it and every score.
+
+    Raises:
+        ValueError: a grid value outside [0, 1], ``holdout`` outside (0, 1), or too few rows.
+    """
+    from . import ordinal
+
+    x = _check_x(x).float()
+    if not 0 < holdout < 1:
+        raise ValueError(f"holdout must be in (0, 1), got {holdout!r}")
+    classes = ordinal.check_ordinal(y)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=g)
+    cut = int(len(x) * holdout)
+    test, train = order[:cut], order[cut:]
+    if cut < 1 or len(train) < min_size:
+        raise ValueError(f"{len(x)} rows leave too few for a {holdout!r} holdout with min_size {min_size}")
+    scores = {}
+    for gran in grid:
+        part = adaptive_partition(x[train], y[train], gran, min_size, max_parts=max_parts, seed=seed)
+        where = part.assign(x[test])
+        right = 0
+        for k in range(part.parts):
+            rows, held = part.labels == k, where == k
+            if held.any():
+                fit = ordinal.fit(x[train][rows].double(), y[train][rows], classes, l2=l2, max_iter=100)
+                right += int((ordinal.predict(fit.params, x[test][held].double(), classes) == y[test][held]).sum())
+        scores[gran] = right / cut
+    return max(scores, key=lambda k: (scores[k], -k)), scores
