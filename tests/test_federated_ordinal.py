@@ -64,3 +64,25 @@ def test_nan_features_are_named():
     x[2, 1] = float("nan")
     with pytest.raises(ValueError, match="row 2, column 1"):
         ordinal.fit(x, torch.tensor([0, 1, 0, 1]))
+
+
+def test_median_prediction_is_the_first_class_reaching_half_and_minimises_absolute_error():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 3, generator=g, dtype=torch.float64) * 2
+    p = torch.cat([torch.randn(3, generator=g, dtype=torch.float64), torch.tensor([-1.0, 0.0, 0.3], dtype=torch.float64)])
+    probs = ordinal.class_probs(p, x, 4).numpy()  # (n, 4)
+    first_half = (np.cumsum(probs, axis=1) >= 0.5).argmax(axis=1)
+    median = ordinal.predict(p, x, 4, "median")
+    np.testing.assert_array_equal(median.numpy(), first_half)
+    # the median minimises the expected absolute error over the classes (brute force)
+    expected_abs = np.abs(np.arange(4)[None, :, None] - np.arange(4)[None, None, :])  # (1, k, j)
+    risk = (expected_abs * probs[:, None, :]).sum(-1)  # (n, k)
+    np.testing.assert_allclose(risk[np.arange(300), median.numpy()], risk.min(1), atol=1e-12)
+    assert (median.numpy() != ordinal.predict(p, x, 4).numpy()).any()  # mode and median differ somewhere
+    np.testing.assert_array_equal(ordinal.predict(p, x, 4, "mode").numpy(), probs.argmax(1))
+    assert ordinal.mae(p, x, median, 4) == 0.0
+
+
+def test_an_unknown_prediction_rule_raises():
+    with pytest.raises(ValueError, match="rule must be 'mode' or 'median', got 'mean'"):
+        ordinal.predict(torch.zeros(3, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64), 2, "mean")

@@ -119,13 +119,16 @@ class KSDrift:
 
     def update(self, batch) -> bool:
         x = np.asarray(batch, dtype=float)
-        if x.ndim != 2 or not np.isfinite(x).all():
-            raise ValueError(f"KSDrift needs a finite (rows, features) batch, got shape {x.shape}")
+        if x.ndim != 2:
+            raise ValueError(f"KSDrift needs a (rows, features) batch, got shape {x.shape}")
+        if not np.isfinite(x).all():
+            r, c = np.argwhere(~np.isfinite(x))[0]
+            raise ValueError(f"batch has non-finite values (first at row {r}, column {c})")
         if self.reference is None:
             self.reference = x
             return False
         p = stats.ks_2samp(self.reference, x, axis=0).pvalue
-        self.last_p = float(np.min(p) * x.shape[1])
+        self.last_p = float(min(1.0, np.min(p) * x.shape[1]))
         return self.last_p < self.alpha
 
 

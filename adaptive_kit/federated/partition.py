@@ -56,7 +56,7 @@ class DataPartition:
 
 def n_parts(n: int, granularity: float, min_size: int, max_parts: int = 64) -> int:
     """Parts for a granularity: 1 at 0, the most that ``min_size`` allows (up to ``max_parts``) at 1."""
-    if not 0 <= granularity <= 1:
+    if isinstance(granularity, bool) or not isinstance(granularity, int | float) or not 0 <= granularity <= 1:
         raise ValueError(f"granularity must be in [0, 1] (0 coarsest, 1 finest), got {granularity!r}")
     if isinstance(min_size, bool) or not isinstance(min_size, int) or not 1 <= min_size <= n:
         raise ValueError(f"min_size must be an int in [1, {n}] (the number of rows), got {min_size!r}")

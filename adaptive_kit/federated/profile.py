@@ -91,4 +91,5 @@ def profile_data(x: torch.Tensor, y: torch.Tensor, clusters: int = 4, k: int = 1
     if len(y) != len(x):
         raise ValueError(f"y has {len(y)} rows, x has {len(x)}")
     centres, labels = kmeans(x, clusters, seed=seed)
-    return DataProfile(knn_log_density(x, min(k, len(x) - 1)), feature_importance(x, y), centres, labels)
+    density = knn_log_density(x, min(k, len(x) - 1)) if len(x) > 1 else torch.zeros(1, device=x.device)
+    return DataProfile(density, feature_importance(x, y), centres, labels)

@@ -1,0 +1,327 @@
+"""Drift detectors against river and by their own consistency, alarm scoring, the federated data
+sets, and the stream loop that re-partitions on drift."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from adaptive_kit.datasets import statsmodels_frame
+from adaptive_kit.federated import data
+from adaptive_kit.federated.drift import ADWIN, KSDrift, PageHinkley, follow_stream, score_alarms
+from adaptive_kit.federated.partition import choose_granularity, n_parts
+
+BATCH = 100
+
+
+def loss_like(seed, before=2000, after=1000, shift=0.3, level=0.5, scale=0.2):
+    """A per-row loss: ``before`` values around ``level``, then ``after`` values ``shift`` higher."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.normal(level, scale, before), rng.normal(level + shift, scale, after)])
+
+
+def alarms(det, values, size):
+    """The end positions of the pieces of ``size`` on which ``det`` fired."""
+    return [i + len(values[i:i + size]) for i in range(0, len(values), size) if det.update(values[i:i + size])]
+
+
+def river_alarms(det, values):
+    out = []
+    for i, v in enumerate(values):
+        det.update(float(v))
+        if det.drift_detected:
+            out.append(i + 1)
+    return out
+
+
+DETECTORS = {"page_hinkley": PageHinkley, "adwin": ADWIN}
+
+
+# --- Page-Hinkley and ADWIN ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", DETECTORS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_detectors_fire_within_a_few_batches_of_a_mean_shift(name, seed):
+    fired = alarms(DETECTORS[name](), loss_like(seed), BATCH)
+    assert fired, name
+    # the change is at 2000: the first alarm falls in one of the three batches that follow it
+    assert 2000 < fired[0] <= 2000 + 3 * BATCH
+    assert all(a > 2000 for a in fired)
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+@pytest.mark.parametrize("seed", [10, 11])
+def test_detectors_stay_quiet_on_a_stationary_stream(name, seed):
+    values = np.random.default_rng(seed).normal(0.5, 0.2, 20_000)
+    assert alarms(DETECTORS[name](), values, BATCH) == []
+
+
+def test_page_hinkley_equals_rivers_one_sided_test_value_by_value():
+    river = pytest.importorskip("river.drift")
+    # two upward shifts: river restarts after each alarm, as ours does
+    values = np.concatenate([loss_like(3, 600, 600, shift=0.3), np.random.default_rng(4).normal(1.5, 0.2, 600)])
+    ours = alarms(PageHinkley(), values, 1)
+    theirs = river_alarms(river.PageHinkley(mode="up", alpha=1.0), values)  # alpha 1: no fading
+    assert len(ours) == 2 and ours == theirs
+
+
+@pytest.mark.parametrize("shift", [0.3, 1.0])
+def test_adwin_detects_the_same_shift_as_rivers_adwin(shift):
+    river = pytest.importorskip("river.drift")
+    values = loss_like(5, 1000, 500, shift=shift)
+    ours = alarms(ADWIN(), values, 1)
+    theirs = river_alarms(river.ADWIN(), values)  # checks every 32 values ("clock")
+    assert ours and theirs
+    assert 1000 < ours[0] <= 1100 and 1000 < theirs[0] <= 1100
+    assert abs(ours[0] - theirs[0]) <= 64
+
+
+def test_page_hinkley_state_carries_across_batches():
+    values = loss_like(6, 1000, 500)
+    exact = alarms(PageHinkley(), values, 1)[0]  # the value on which it fires
+    for size in (7, 50, 100, 1500):
+        # fed in pieces it fires on the piece that holds that value
+        assert alarms(PageHinkley(), values, size)[0] == min(len(values), size * math.ceil(exact / size))
+
+
+def test_adwin_state_carries_across_batches():
+    values = loss_like(7, 1000, 500)
+    small, large = alarms(ADWIN(), values, 10)[0], alarms(ADWIN(), values, BATCH)[0]
+    # the window is the same whatever the pieces: the coarse feed checks a subset of the fine one's
+    # moments, so it fires no earlier, and at most one batch later
+    assert small <= large <= small + BATCH
+    assert alarms(ADWIN(), values[:990], BATCH) == []  # nothing before the change, in any piece
+
+
+def test_adwin_drops_the_window_before_the_change():
+    det = ADWIN()
+    values = loss_like(8, 1000, 300, shift=1.0)
+    fired = alarms(det, values, BATCH)
+    assert fired
+    assert len(det.window) < 300 + BATCH  # only rows near and after the change are kept
+    assert det.mean == pytest.approx(1.5, abs=0.1)
+
+
+@pytest.mark.parametrize("det", [PageHinkley(), ADWIN()], ids=["page_hinkley", "adwin"])
+def test_non_finite_values_are_named_by_position(det):
+    with pytest.raises(ValueError, match="non-finite values \\(first at position 3\\)"):
+        det.update([0.1, 0.2, 0.3, float("nan"), float("inf")])
+
+
+def test_page_hinkley_reset_and_empty_batches():
+    det = PageHinkley(min_samples=5)
+    assert det.update([]) is False and det.n == 0
+    det.update(np.zeros(10))
+    assert det.n == 10
+    det.reset()
+    assert (det.n, det.total, det.cum, det.low) == (0, 0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: PageHinkley(delta=-0.1), lambda: PageHinkley(threshold=0), lambda: PageHinkley(min_samples=0),
+    lambda: PageHinkley(delta=float("nan")),
+    lambda: ADWIN(delta=0), lambda: ADWIN(delta=1.0), lambda: ADWIN(min_side=0),
+    lambda: ADWIN(max_window=20, min_side=16), lambda: ADWIN(stride=0),
+    lambda: KSDrift(alpha=0), lambda: KSDrift(alpha=1.5),
+])
+def test_bad_detector_arguments_raise(make):
+    with pytest.raises(ValueError, match="need|must be"):
+        make()
+
+
+# --- KS --------------------------------------------------------------------------------------
+
+def test_ks_takes_the_first_batch_as_reference_and_fires_on_a_shifted_feature():
+    rng = np.random.default_rng(0)
+    det = KSDrift(alpha=1e-3)
+    first = rng.normal(size=(200, 4))
+    assert det.update(first) is False
+    np.testing.assert_array_equal(det.reference, first)
+    moved = rng.normal(size=(200, 4))
+    moved[:, 2] += 1.0
+    assert det.update(moved) is True
+    p = stats.ks_2samp(first, moved, axis=0).pvalue
+    assert det.last_p == pytest.approx(p.min() * 4)  # Bonferroni over the 4 features
+    assert det.last_p < 1e-3
+
+
+def test_ks_rarely_fires_on_batches_from_the_reference_distribution():
+    rng = np.random.default_rng(1)
+    det = KSDrift(alpha=1e-3, reference=rng.normal(size=(500, 4)))
+    false_alarms = sum(det.update(rng.normal(size=(200, 4))) for _ in range(50))
+    assert false_alarms <= 2
+    det.reset()  # no reference: the next batch becomes it
+    assert det.reference is None and det.update(rng.normal(3, 1, size=(50, 4))) is False
+
+
+@pytest.mark.parametrize("batch, shown", [(np.zeros(10), r"\(rows, features\) batch, got shape \(10,\)"),
+                                          (np.array([[0.0, np.nan]]), "non-finite values \\(first at row 0, column 1\\)")])
+def test_ks_rejects_a_bad_batch(batch, shown):
+    with pytest.raises(ValueError, match=shown):
+        KSDrift().update(batch)
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+def test_score_alarms_on_hand_made_cases():
+    s = score_alarms([23, 22, 50], changes=[20, 45], horizon=5)
+    assert s["delays"] == [2, None]  # 50 is outside [45, 50)
+    assert (s["missed"], s["false_alarms"], s["mean_delay"]) == (1, 2, 2.0)
+    s = score_alarms([10, 30, 31, 62], changes=[30, 60], horizon=3)
+    assert s["delays"] == [0, 2] and s["missed"] == 0 and s["false_alarms"] == 2 and s["mean_delay"] == 1.0
+    s = score_alarms([], changes=[5], horizon=10)
+    assert s["delays"] == [None] and s["missed"] == 1 and s["false_alarms"] == 0 and math.isnan(s["mean_delay"])
+    assert score_alarms([3, 4], changes=[], horizon=10)["false_alarms"] == 2
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def test_fair_is_standardised_with_five_ordered_classes():
+    d = data.fair()
+    assert d.x.shape == (6366, 8) and d.y.shape == (6366,) and d.classes == 5
+    assert d.x.dtype == torch.float32 and d.y.dtype == torch.int64 and len(d.features) == 8
+    torch.testing.assert_close(d.x.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(d.x.std(0, unbiased=False), torch.ones(8), atol=1e-5, rtol=0)
+    raw = statsmodels_frame("fair")
+    assert torch.equal(d.y, torch.tensor(raw.rate_marriage.to_numpy().astype(int) - 1))
+    assert torch.unique(d.y).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_randhie_bins_outpatient_visits_into_four_classes():
+    d = data.randhie()
+    assert d.x.shape == (20190, 9) and d.classes == 4 and d.levels == ["0", "1-2", "3-5", "6+"]
+    visits = statsmodels_frame("randhie").mdvis.to_numpy()
+    expected = (visits >= 1).astype(int) + (visits >= 3) + (visits >= 6)
+    assert torch.equal(d.y, torch.tensor(expected))
+    assert torch.bincount(d.y).min() > 1000  # every bin is populated
+
+
+def test_mixture_has_regimes_of_unequal_shares():
+    d, regime = data.mixture(n=8000, regimes=4, classes=3, seed=0)
+    assert d.x.shape == (8000, 4) and d.classes == 3 and regime.shape == (8000,)
+    share = torch.bincount(regime, minlength=4).double() / 8000
+    np.testing.assert_allclose(share.numpy(), data.MIXTURE_WEIGHTS, atol=0.02)
+    assert (torch.bincount(d.y).double() / 8000 - 1 / 3).abs().max() < 0.01  # balanced classes
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return data.drifting_stream(batches=40, changes=(20,), seed=0)
+
+
+def shares_of(regime, regimes=4):
+    return (torch.bincount(regime.reshape(-1), minlength=regimes).double() / regime.numel()).numpy()
+
+
+def test_drifting_stream_shapes_and_shares(stream):
+    assert stream.x.shape == (40, 200, 4) and stream.y.shape == stream.regime.shape == (40, 200)
+    assert stream.changes == [20]
+    np.testing.assert_allclose(shares_of(stream.regime[:20]), data.MIXTURE_WEIGHTS, atol=0.03)
+    np.testing.assert_allclose(shares_of(stream.regime[20:]), (0.1, 0.1, 0.2, 0.6), atol=0.03)
+
+
+def regime_means(s, segment):
+    x, r = s.x[segment].reshape(-1, s.x.shape[-1]), s.regime[segment].reshape(-1)
+    return torch.stack([x[r == k].mean(0) for k in range(4)])
+
+
+def test_drifting_stream_keeps_or_redraws_the_regimes():
+    same = data.drifting_stream(batches=20, batch=200, changes=(10,), new_regimes=False, seed=3)
+    # the same regimes in new shares: each regime's mean stays (unit noise, >= 200 rows a regime)
+    torch.testing.assert_close(regime_means(same, slice(0, 10)), regime_means(same, slice(10, 20)), atol=0.25, rtol=0)
+    new = data.drifting_stream(batches=20, batch=200, changes=(10,), new_regimes=True, seed=3)
+    moved = (regime_means(new, slice(0, 10)) - regime_means(new, slice(10, 20))).norm(dim=1)
+    assert moved.min() > 1.0  # separation 4: new centres are far from the old ones
+
+
+def test_drifting_stream_with_several_changes():
+    s = data.drifting_stream(batches=30, batch=100, changes=(10, 20),
+                             shares=((1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 0, 1)), new_regimes=False)
+    assert (s.regime[:10] == 0).all() and (s.regime[10:20] == 1).all() and (s.regime[20:] == 3).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"changes": (10, 20)}, "shares needs len\\(changes\\) \\+ 1 = 3 entries, got 2"),
+    ({"changes": (0,)}, "changes must be increasing batch numbers in \\(0, 40\\)"),
+    ({"changes": (40,)}, "in \\(0, 40\\), got \\[40\\]"),
+    ({"changes": (20, 10), "shares": ((1, 1, 1, 1),) * 3}, "increasing"),
+    ({"changes": (10, 10), "shares": ((1, 1, 1, 1),) * 3}, "increasing"),
+])
+def test_drifting_stream_rejects_bad_changes(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        data.drifting_stream(batches=40, batch=10, **kwargs)
+
+
+# --- the stream loop -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def followed(stream):
+    return follow_stream(stream.x, stream.y, warmup=5, refit_batches=5)
+
+
+def test_follow_stream_alarms_right_after_the_change(followed):
+    every = sorted(b for fired in followed.alarms.values() for b in fired)
+    assert set(followed.alarms) == {"page_hinkley", "adwin", "ks"}
+    assert every and all(b >= 20 for b in every)  # nothing in the first segment
+    assert 20 <= every[0] <= 22
+    assert any(followed.alarms[k] and followed.alarms[k][0] <= 22 for k in ("page_hinkley", "adwin"))
+
+
+def test_follow_stream_repartitions_on_the_alarm_and_once_more_after(followed):
+    first_alarm = min(b for fired in followed.alarms.values() for b in fired)
+    made = [b for b, _ in followed.partitions]
+    assert made[0] == 5  # the warm-up partition
+    assert first_alarm in made and first_alarm + 5 in made  # and the rebuild on post-alarm rows
+    log = followed.log
+    assert sorted(log.loc[log.repartitioned, "batch"]) == made[1:]
+    for b, part in followed.partitions:
+        assert part.labels.numel() == 5 * 200  # always the last refit_batches (= warm-up) batches
+        if b > 5:
+            assert log.loc[log.batch == b, "parts"].item() == part.parts
+
+
+def test_follow_stream_log_has_one_row_per_batch_after_warmup(followed):
+    log = followed.log
+    assert list(log.columns) == ["batch", "loss", "error", "alarm", "repartitioned", "parts", "largest_share"]
+    assert log.batch.tolist() == list(range(5, 40))
+    assert log.loss.gt(0).all() and log.error.between(0, 1).all() and log.largest_share.between(0, 1).all()
+    alarmed = log.loc[log.alarm != "", "batch"].tolist()
+    assert alarmed == sorted({b for fired in followed.alarms.values() for b in fired})
+    # the models fit the first segment: the loss jumps at the change and recovers after the refits
+    assert log.loss[log.batch == 20].item() > 1.5 * log.loss[log.batch < 20].mean()
+    assert log.loss[log.batch >= 30].mean() < log.loss[log.batch == 20].item()
+
+
+def test_follow_stream_only_repartitions_on_its_trigger(stream):
+    run = follow_stream(stream.x[:25], stream.y[:25], detectors={"adwin": ADWIN()}, trigger=[])
+    assert run.alarms["adwin"] and [b for b, _ in run.partitions] == [5]
+    assert not run.log.repartitioned.any()
+
+
+def test_follow_stream_chooses_the_granularity_when_asked():
+    s = data.drifting_stream(batches=12, batch=100, changes=(6,), seed=0)
+    run = follow_stream(s.x, s.y, granularity="auto", warmup=3, refit_batches=3, min_size=50)
+    chosen, _ = choose_granularity(s.x[:3].reshape(-1, 4), s.y[:3].reshape(-1), 50)
+    assert run.partitions[0][1].parts == n_parts(300, chosen, 50) > 1  # regimes: more than one part
+    assert run.log.parts.iloc[0] == run.partitions[0][1].parts
+    assert min(b for fired in run.alarms.values() for b in fired) == 6
+
+
+def test_follow_stream_names_an_unknown_granularity():
+    with pytest.raises(ValueError, match="granularity"):
+        follow_stream(torch.randn(10, 8, 2), torch.randint(0, 2, (10, 8)), granularity="fine")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"x": torch.zeros(10, 4), "y": torch.zeros(10, dtype=torch.long)}, "x must be \\(batches, batch, d\\)"),
+    ({"y": torch.zeros(10, 7, dtype=torch.long)}, "y \\(batches, batch\\); got \\(10, 8, 2\\), \\(10, 7\\)"),
+    ({"warmup": 0}, "warmup must be in \\[1, 9\\]"),
+    ({"warmup": 10}, "warmup must be in \\[1, 9\\]"),
+    ({"refit_batches": 0}, "refit_batches >= 1"),
+])
+def test_follow_stream_rejects_bad_shapes_and_windows(kwargs, message):
+    args = {"x": torch.randn(10, 8, 2), "y": torch.randint(0, 2, (10, 8))} | kwargs
+    x, y = args.pop("x"), args.pop("y")
+    with pytest.raises(ValueError, match=message):
+        follow_stream(x, y, **args)
