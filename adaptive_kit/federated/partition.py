@@ -113,7 +113,7 @@ def adaptive_partition(x: torch.Tensor, y: torch.Tensor, granularity: float, min
     scale = torch.sqrt(prof.importance.float().to(x.device) * d)
     mean, std = (x.mean(0), x.std(0).clamp(min=1e-12)) if n > 1 else (torch.zeros(d), torch.ones(d))
     z = (x - mean) / std * scale
-    cap = (1 + balance) * n / target
+    cap = max(math.ceil(n / target), math.floor((1 + balance) * n / target))  # whole rows per part
     directions, thresholds, children = [], [], []
     labels = torch.zeros(n, dtype=torch.long, device=x.device)
     parts = 0
@@ -181,12 +181,22 @@ def choose_granularity(x: torch.Tensor, y: torch.Tensor, min_size: int, grid: tu
     scores = {}
     for gran in grid:
         part = adaptive_partition(x[train], y[train], gran, min_size, max_parts=max_parts, seed=seed)
-        where = part.assign(x[test])
-        right = 0
-        for k in range(part.parts):
-            rows, held = part.labels == k, where == k
-            if held.any():
-                fit = ordinal.fit(x[train][rows].double(), y[train][rows], classes, l2=l2, max_iter=100)
-                right += int((ordinal.predict(fit.params, x[test][held].double(), classes) == y[test][held]).sum())
-        scores[gran] = right / cut
+        scores[gran] = local_accuracy(x[train], y[train], part.labels, x[test], y[test], part.assign(x[test]), classes, l2)
     return max(scores, key=lambda k: (scores[k], -k)), scores
+
+
+def local_accuracy(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                   where: torch.Tensor, classes: int | None = None, l2: float = 1e-3) -> float:
+    """Held-out accuracy of one ordinal model per part: fitted on the rows of ``x`` with that
+    ``labels`` value, scored on the rows of ``x_test`` routed (``where``) to the part."""
+    from . import ordinal
+
+    classes = classes or ordinal.check_ordinal(y)
+    right = 0
+    for k in torch.unique(where).tolist():
+        rows, held = labels == k, where == k
+        if not rows.any():
+            continue  # no training rows: the held-out rows count as wrong
+        fit = ordinal.fit(x[rows].double(), y[rows], classes, l2=l2, max_iter=100)
+        right += int((ordinal.predict(fit.params, x_test[held].double(), classes) == y_test[held]).sum())
+    return right / len(y_test)
