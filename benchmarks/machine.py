@@ -66,3 +66,14 @@ def write_json(path: str | None, out: dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(jsonable(out), f, indent=2)
+
+
+def show(title: str, frame, digits: int = 3, note: str = "") -> None:
+    """Print a pandas table under a title, wide enough not to wrap."""
+    import pandas as pd
+
+    print(f"\n== {title} ==")
+    with pd.option_context("display.width", 250, "display.max_columns", 40, "display.max_colwidth", 70):
+        print(frame.round(digits).to_string(index=False))
+    if note:
+        print(note)

@@ -62,7 +62,7 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 import torch
-from machine import describe, parse_args, write_json
+from machine import describe, parse_args, show, write_json
 from tqdm.auto import tqdm
 
 from adaptive_kit.distributed import run as dist_run
@@ -493,14 +493,6 @@ def targets(table, bench, split, fc, slow, noise, sim) -> pd.DataFrame:
     else:
         add("(f) |simulated - measured| / measured <= 10%", "not run (pipeline unavailable)", None)
     return pd.DataFrame(rows)
-
-
-def show(title: str, frame: pd.DataFrame, digits: int = 3, note: str = "") -> None:
-    print(f"\n== {title} ==")
-    with pd.option_context("display.width", 250, "display.max_columns", 40, "display.max_colwidth", 60):
-        print(frame.round(digits).to_string(index=False))
-    if note:
-        print(note)
 
 
 def main(argv: list[str] | None = None) -> dict:

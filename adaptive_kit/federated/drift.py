@@ -5,8 +5,8 @@ Detectors take a batch at a time (vectorised over the batch) and say whether it 
 - :class:`PageHinkley`: cumulative deviation of a signal (the model's per-row loss) above its
   running mean; fires when it rises ``threshold`` above its minimum (an increase in the mean);
 - :class:`ADWIN`: the adaptive window of Bifet & Gavaldà (2007) over a bounded window, every
-  cut tested at once with the variance-aware (Bernstein) bound of ADWIN2; on drift the part
-  before the cut is dropped;
+  ``stride``-th cut tested at once with the variance-aware (Bernstein) bound of ADWIN2, its
+  confidence split over the cuts (a union bound); on drift the part before the cut is dropped;
 - :class:`KSDrift`: a two-sample Kolmogorov-Smirnov test per feature between a reference
   window and the latest batch, Bonferroni-corrected — covariate drift, before labels arrive.
 
@@ -94,7 +94,7 @@ class ADWIN:
         mu0 = csum[cuts - 1] / n0
         mu1 = (csum[-1] - csum[cuts - 1]) / n1
         m = 1 / (1 / n0 + 1 / n1)
-        log_term = math.log(2 * math.log(n) / self.delta)
+        log_term = math.log(2 * math.log(n) * len(cuts) / self.delta)  # a union bound over the cuts tested
         var = float(w.var()) if n > 1 else 0.0
         eps = torch.sqrt(2 * var * log_term / m) + 2 * log_term / (3 * m)
         hit = (mu0 - mu1).abs() > eps

@@ -1,9 +1,10 @@
 """The dynamic partitioning engine: recursive, density- and importance-driven splits of the data.
 
 The granularity sets the number of parts P (1 at 0, the most ``min_size`` allows at 1). A node
-that must hold t parts is cut in two along the direction between its 2-means centres (in
-features scaled by importance, so important features drive the cuts). The cut is the one with
-the least within-sum of squares along that line (1-d 2-means) among the cuts that give the two
+that must hold t parts is cut in two along one of a few candidate directions — between 2-means
+centres (three seeds), the two principal axes, the widest features — in features scaled by
+importance, so important features drive the cuts. The cut is the one leaving the least share of
+the variance along its direction within the two sides (1-d 2-means) among the cuts that give the two
 sides whole numbers of parts, t_left + t_right = t, with no side above ``(1 + balance) x n / P``
 rows per part nor below ``min_size``. So no part is larger than (1 + balance) times the mean
 (kd-tree balance) while cuts fall in the gaps between clusters (k-means quality); with parts of
@@ -64,32 +65,48 @@ def n_parts(n: int, granularity: float, min_size: int, max_parts: int = 64) -> i
     return 1 + round(granularity * (most - 1))
 
 
+def _directions(z: torch.Tensor, seed: int, restarts: int = 3, axes: int = 8) -> torch.Tensor:
+    """(k, d) unit candidate directions: 2-means centre to centre (``restarts`` seeds), the two
+    principal axes and the ``axes`` features of widest spread."""
+    out = []
+    for r in range(restarts):
+        centres, _ = kmeans(z, 2, iters=20, seed=seed + 7919 * r)
+        out.append(centres[1] - centres[0])
+    zc = z - z.mean(0)
+    if len(z) > 1:
+        out.extend(torch.linalg.svd(zc, full_matrices=False).Vh[:2])
+    eye = torch.eye(z.shape[1], device=z.device)
+    out.extend(eye[torch.argsort(zc.var(0) if len(z) > 1 else torch.zeros(z.shape[1]), descending=True)[:axes]])
+    d = torch.stack(out)
+    norm = d.norm(dim=1, keepdim=True)
+    return d[norm[:, 0] > 0] / norm[norm[:, 0] > 0]
+
+
 def _cut(z: torch.Tensor, t: int, cap: float, min_size: int, seed: int) -> tuple[torch.Tensor, float, int]:
     """(direction, threshold, parts on the left) for a node of ``t`` parts (module docstring);
-    ``cap`` is the most rows a part may hold."""
-    centres, _ = kmeans(z, 2, iters=20, seed=seed)
-    direction = centres[1] - centres[0]
-    if direction.norm() == 0:  # all rows equal: cut the first feature at its order
-        direction = torch.zeros_like(direction)
-        direction[0] = 1.0
-    direction = direction / direction.norm()
-    proj, _ = torch.sort(z @ direction)
+    ``cap`` is the most rows a part may hold. Every candidate direction is scored by the share
+    of its variance left within the two sides at its best feasible cut; the least wins."""
+    dirs = _directions(z, seed)
+    proj, _ = torch.sort(z @ dirs.T, dim=0)  # (n, k)
     n = len(proj)
     csum, csq = torch.cumsum(proj.double(), 0), torch.cumsum(proj.double() ** 2, 0)
-    best = (float("inf"), t // 2, round(n * (t // 2) / t))  # equal counts if no cut is feasible
+    total = (csq[-1] - csum[-1] ** 2 / n).clamp(min=1e-12)
+    best = (float("inf"), t // 2, round(n * (t // 2) / t), 0)  # equal counts if no cut is feasible
     for t_left in range(1, t):
         t_right = t - t_left
         lo = max(math.ceil(n - t_right * cap), t_left * min_size, 1)
         hi = min(math.floor(t_left * cap), n - t_right * min_size, n - 1)
         if hi < lo:
             continue
-        m = torch.arange(lo, hi + 1, device=z.device)
-        sse = (csq[m - 1] - csum[m - 1] ** 2 / m) + ((csq[-1] - csq[m - 1]) - (csum[-1] - csum[m - 1]) ** 2 / (n - m))
-        i = int(torch.argmin(sse))
-        if float(sse[i]) < best[0]:
-            best = (float(sse[i]), t_left, int(m[i]))
-    _, t_left, cut = best
-    return direction, float(0.5 * (proj[cut - 1] + proj[cut])), t_left
+        m = torch.arange(lo, hi + 1, device=z.device)[:, None]
+        within = (csq[m[:, 0] - 1] - csum[m[:, 0] - 1] ** 2 / m) + \
+            ((csq[-1] - csq[m[:, 0] - 1]) - (csum[-1] - csum[m[:, 0] - 1]) ** 2 / (n - m))
+        share = within / total  # (cuts, k)
+        i = int(torch.argmin(share))
+        if float(share.flatten()[i]) < best[0]:
+            best = (float(share.flatten()[i]), t_left, int(m[i // share.shape[1], 0]), i % share.shape[1])
+    _, t_left, cut, k = best
+    return dirs[k], float(0.5 * (proj[cut - 1, k] + proj[cut, k])), t_left
 
 
 def adaptive_partition(x: torch.Tensor, y: torch.Tensor, granularity: float, min_size: int, *,
@@ -188,15 +205,24 @@ def choose_granularity(x: torch.Tensor, y: torch.Tensor, min_size: int, grid: tu
 def local_accuracy(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
                    where: torch.Tensor, classes: int | None = None, l2: float = 1e-3) -> float:
     """Held-out accuracy of one ordinal model per part: fitted on the rows of ``x`` with that
-    ``labels`` value, scored on the rows of ``x_test`` routed (``where``) to the part."""
+    ``labels`` value, scored on the rows of ``x_test`` routed (``where``) to the part. A part with
+    one class predicts it; a part without training rows uses one model of all rows."""
     from . import ordinal
 
+    labels, where = torch.as_tensor(labels), torch.as_tensor(where)
     classes = classes or ordinal.check_ordinal(y)
-    right = 0
+    pred = torch.empty(len(y_test), dtype=torch.long)
+    pooled = None
     for k in torch.unique(where).tolist():
         rows, held = labels == k, where == k
+        levels = torch.unique(y[rows])
+        if len(levels) == 1:
+            pred[held] = levels[0]
+            continue
         if not rows.any():
-            continue  # no training rows: the held-out rows count as wrong
-        fit = ordinal.fit(x[rows].double(), y[rows], classes, l2=l2, max_iter=100)
-        right += int((ordinal.predict(fit.params, x_test[held].double(), classes) == y_test[held]).sum())
-    return right / len(y_test)
+            pooled = pooled if pooled is not None else ordinal.fit(x.double(), y, classes, l2=l2, max_iter=100).params
+            params = pooled
+        else:
+            params = ordinal.fit(x[rows].double(), y[rows], classes, l2=l2, max_iter=100).params
+        pred[held] = ordinal.predict(params, x_test[held].double(), classes)
+    return float((pred == y_test).double().mean())
