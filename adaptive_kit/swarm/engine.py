@@ -1,0 +1,682 @@
+"""The swarm: N members trained in rounds on one device, members of one architecture batched
+with torch.func, reported on the bus, watched, and steered by the optimiser."""
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import psutil
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+from ..datasets import Split
+from ..records import Sink, to_batch
+from ..stats import STAT_NAMES, HostCopy, batched_stats
+from .bus import Collector
+from .optimiser import Action, Goals, OptimiserConfig, allocate, diversity_penalty, fitness, plan
+from .spec import MemberSpec, SearchSpace, Similarity, build_model
+from .watch import Watch, WatchConfig
+
+FAULTS = ("nan", "crash")
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    members: int = 8  # population size N
+    steps_per_round: int = 20  # mean optimiser steps per active member per round
+    seed: int = 0  # seeds the initial population, every member's batches and every decision
+    space: SearchSpace = SearchSpace()  # where members are drawn, perturbed and bred
+    optimiser: OptimiserConfig = OptimiserConfig()
+    goals: Goals = Goals()
+    similarity: Similarity = Similarity()  # for the diversity penalty and the graph's edges
+    watch: WatchConfig = WatchConfig()
+    val_fraction: float = 0.2  # of the training rows, held out for validation (when no val is given)
+    eval_rows: int = 2048  # at most this many rows per evaluation (validation and training accuracy)
+    batched: bool = True  # vmap members that share an architecture and batch size
+    param_layers: tuple[str, ...] = ()  # layers ("h0", "h1", ..., "out") whose weights are reported; () = all
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the flat inputs, for conv layers
+
+    def __post_init__(self) -> None:
+        for name, lo in (("members", 1), ("steps_per_round", 1), ("eval_rows", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"SwarmConfig.{name} must be an int >= {lo}, got {v!r}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"SwarmConfig.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+
+
+@dataclass
+class Member:
+    """One slot of the swarm: its spec, weights, optimiser state, batch generator and latest metrics."""
+
+    id: int
+    spec: MemberSpec
+    params: dict[str, torch.Tensor] | None  # None on processes that do not own the member
+    buf: dict[str, torch.Tensor] | None  # SGD momentum buffers
+    gen: torch.Generator | None  # draws this member's batches (CPU)
+    steps: int = 0  # optimiser steps taken in this slot
+    status: str = "active"  # or "quarantined"
+    origin: str = "init"  # where the current weights came from
+    reason: str = ""  # why quarantined
+    seq: int = 0  # reports sent
+    val_acc: float = math.nan
+    val_loss: float = math.nan
+    train_acc: float = math.nan
+    loss_mean: float = math.nan
+    step_time: float = math.nan  # seconds per member-step in its batch
+    fault: str | None = None  # injected for tests and demos: "nan" or "crash"
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+    def metrics(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("spec", "steps", "status", "origin", "reason", "val_acc", "val_loss",
+                                              "train_acc", "loss_mean", "step_time")}
+
+
+def _logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return functional_call(model, params, (x,))
+
+
+class Swarm:
+    """N networks trained at once, in rounds; compute goes to the fittest, the weakest are replaced.
+
+    Each round: the optimiser shares out ``steps_per_round x active members`` steps by fitness
+    (:func:`~adaptive_kit.swarm.optimiser.allocate`); members that share an architecture and
+    batch size take their steps together in one ``vmap`` over stacked weights (a member that has
+    used its steps drops out of the batch); every member is evaluated; a report per member goes
+    out on the bus (and into :meth:`history`); the watch looks for anomalies; a member whose
+    loss, weights or metrics are non-finite, or whose step raises, is quarantined; and every
+    ``exploit_every`` rounds the bottom members are replaced (exploit / explore, breeding).
+
+    Args:
+        data: ``x_train`` / ``y_train`` to train on (a validation part is held out unless ``val``
+            is given); ``x_test`` / ``y_test`` are left for the caller.
+        config: see :class:`SwarmConfig`.
+        specs: the initial members (default: drawn from ``config.space``).
+        val: validation ``(x, y)``; default: ``config.val_fraction`` of the training rows.
+        device: where members train; default the data's device.
+        sink: where reports go; default an in-process :class:`~adaptive_kit.swarm.bus.Collector`
+            (:attr:`collector`) over ZeroMQ.
+
+    Raises:
+        ValueError / SpecError: invalid config, specs, or data (the message names the field).
+    """
+
+    def __init__(self, data: Split, config: SwarmConfig = SwarmConfig(), *, specs: Sequence[MemberSpec] | None = None,
+                 val: tuple[torch.Tensor, torch.Tensor] | None = None, device: torch.device | str | None = None,
+                 sink: Sink | None = None, rank: int = 0, world: int = 1) -> None:
+        self.config = config
+        self.goals, self.policy = config.goals, config.optimiser  # may be changed between rounds
+        self.device = torch.device(device) if device is not None else data.x_train.device
+        x, y = data.x_train, data.y_train
+        if x.dim() != 2 or y.dim() != 1 or len(x) != len(y) or len(x) < 2:
+            raise ValueError(f"data: expected x_train (N, F) and y_train (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
+        if val is None:
+            g = torch.Generator().manual_seed(config.seed)
+            perm = torch.randperm(len(x), generator=g)
+            n_val = max(1, round(config.val_fraction * len(x)))
+            val = (x[perm[:n_val]], y[perm[:n_val]])
+            x, y = x[perm[n_val:]], y[perm[n_val:]]
+        self.x, self.y = x.to(self.device), y.to(self.device)
+        self.x_val, self.y_val = (t[:config.eval_rows].to(self.device) for t in val)
+        self.x_fit, self.y_fit = self.x[:config.eval_rows], self.y[:config.eval_rows]  # for training accuracy
+        self.n_features = x.shape[1]
+        self.n_classes = int(max(int(y.max()), int(self.y_val.max())) + 1)
+        self.rank, self.world = rank, world
+        self.rng = np.random.default_rng(config.seed)
+        if specs is None:
+            specs = [config.space.sample(self.rng) for _ in range(config.members)]
+        elif len(specs) != config.members:
+            raise ValueError(f"specs: got {len(specs)} for SwarmConfig.members={config.members}")
+        self._templates: dict[tuple, tuple[nn.Module, list[list[str]]]] = {}
+        self.members = [self._new_member(i, s) for i, s in enumerate(specs)]
+        self.round = 0
+        self.paused = False
+        self.alarms: list[dict[str, Any]] = []
+        self.lineage: list[dict[str, Any]] = []
+        self._rows: list[dict[str, Any]] = []
+        self._allocated = np.zeros(config.members, dtype=np.int64)
+        self.watch = Watch(config.watch)
+        self._proc = psutil.Process()
+        self._proc.cpu_percent(None)
+        self.collector: Collector | None = None
+        if sink is None and world == 1:
+            self.collector = Collector()
+            sink = self.collector.sink("swarm")
+        self.sink = sink
+
+    # -- members ------------------------------------------------------------------------------------
+    def owns(self, member: int) -> bool:
+        """True when this process trains ``member`` (members are dealt round-robin to processes)."""
+        return member % self.world == self.rank
+
+    def _template(self, spec: MemberSpec) -> tuple[nn.Module, list[list[str]]]:
+        key = spec.layers
+        if key not in self._templates:
+            model = build_model(spec, self.n_features, self.n_classes, self.config.image_shape).to(self.device)
+            layers = [[f"{name}.{p}" for p, _ in mod.named_parameters()]
+                      for name, mod in model.named_children() if any(True for _ in mod.parameters())]
+            self._templates[key] = (model, layers)
+        return self._templates[key]
+
+    def layer_names(self, spec: MemberSpec) -> list[str]:
+        """Names of a member's parametrised layers: ``h0``, ``h1``, ... for hidden layers, ``out``."""
+        return [f"h{i}" for i in range(len(spec.layers))] + ["out"]
+
+    def _init_params(self, spec: MemberSpec, seed: int) -> dict[str, torch.Tensor]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_model(spec, self.n_features, self.n_classes, self.config.image_shape)
+        return {k: v.detach().to(self.device) for k, v in model.named_parameters()}
+
+    def _new_member(self, i: int, spec: MemberSpec) -> Member:
+        seed = int(self.rng.integers(2**62))
+        self._template(spec)  # validates the spec against the data (conv needs an image shape)
+        if not self.owns(i):
+            return Member(i, spec, None, None, None)
+        params = self._init_params(spec, seed)
+        return Member(i, spec, params, {k: torch.zeros_like(v) for k, v in params.items()},
+                      torch.Generator().manual_seed(seed))
+
+    def inject(self, member: int, fault: str) -> None:
+        """Make ``member`` fail next round: ``"nan"`` poisons its weights, ``"crash"`` raises in its step.
+
+        Raises:
+            ValueError: unknown member or fault.
+        """
+        if fault not in FAULTS:
+            raise ValueError(f"inject(fault={fault!r}): expected one of {FAULTS}")
+        if not 0 <= member < len(self.members):
+            raise ValueError(f"inject(member={member!r}): expected 0 <= member < {len(self.members)}")
+        self.members[member].fault = fault
+
+    @property
+    def sent(self) -> dict[int, int]:
+        """Reports sent per member owned by this process."""
+        return {m.id: m.seq for m in self.members if self.owns(m.id)}
+
+    # -- one round ----------------------------------------------------------------------------------
+    def fitness(self) -> np.ndarray:
+        """Current fitness of every member under :attr:`goals` (0 for quarantined or unmeasured)."""
+        ms = self.members
+        f = fitness(self.goals, np.array([m.val_acc for m in ms]), np.array([m.val_loss for m in ms]),
+                    np.array([m.step_time for m in ms]), np.array([m.train_acc for m in ms]))
+        return np.where([m.active for m in ms], f, 0.0)
+
+    def step(self) -> bool:
+        """Run one round; returns False (and does nothing) while :attr:`paused`."""
+        if self.paused:
+            return False
+        cfg, t_round = self.config, time.time()
+        active = np.array([m.active for m in self.members])
+        measured = np.isfinite([m.val_acc for m in self.members])
+        policy = self.policy if measured[active].all() else OptimiserConfig(allocation="equal")
+        self._allocated = allocate(self.fitness(), cfg.steps_per_round * int(active.sum()), active, policy)
+        owned = [m for m in self.members if self.owns(m.id) and m.active]
+        for m in owned:
+            if m.fault == "nan":
+                m.fault = None
+                for p in m.params.values():
+                    p.fill_(float("nan"))
+        losses: dict[int, np.ndarray] = {}
+        groups: dict[tuple, list[Member]] = defaultdict(list)
+        for m in owned:
+            groups[m.spec.group_key if cfg.batched else (m.id,)].append(m)
+        first_step = {m.id: m.steps for m in owned}
+        for group in groups.values():
+            losses.update(self._train_safely(group))
+        for group in groups.values():
+            self._evaluate([m for m in group if m.active])
+        self._observe(owned, losses, first_step)
+        self._exchange()
+        self._report(owned, losses, first_step, t_round)
+        self.round += 1
+        pol = self.policy
+        if pol.exploit_every and self.round >= pol.warmup_rounds and self.round % pol.exploit_every == 0:
+            self._evolve()
+        return True
+
+    def run(self, rounds: int, *, progress: bool = True,
+            on_round: Callable[[Swarm], bool | None] | None = None) -> Swarm:
+        """Run ``rounds`` rounds (fewer if ``on_round(swarm)`` returns False or the swarm is paused)."""
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            raise ValueError(f"run(rounds={rounds!r}): expected an int >= 0")
+        for _ in tqdm(range(rounds), desc="swarm", disable=not progress, leave=False):
+            if not self.step():
+                break
+            if on_round is not None and on_round(self) is False:
+                break
+        return self
+
+    def _train_safely(self, group: list[Member]) -> dict[int, np.ndarray]:
+        """Train a group; if it raises, train its members one by one and quarantine those that fail."""
+        steps = [int(self._allocated[m.id]) for m in group]
+        states = [m.gen.get_state() for m in group]
+        try:
+            return self._train_group(group, steps)
+        except Exception as e:  # noqa: BLE001 - a member's failure must not stop the swarm
+            for m, s in zip(group, states):
+                m.gen.set_state(s)
+            if len(group) == 1:
+                self._quarantine(group[0], "crash", f"{type(e).__name__}: {e}",
+                                 "".join(traceback.format_exception_only(type(e), e)).strip())
+                return {group[0].id: np.full(steps[0], np.nan)}
+            out = {}
+            for m in group:
+                out.update(self._train_safely([m]))
+            return out
+
+    def _train_group(self, group: list[Member], steps: list[int]) -> dict[int, np.ndarray]:
+        order = sorted(range(len(group)), key=lambda i: -steps[i])  # members still stepping are a prefix
+        ms, n_steps = [group[i] for i in order], np.array([steps[i] for i in order])
+        if any(m.fault == "crash" for m in ms):
+            bad = next(m for m in ms if m.fault == "crash")
+            bad.fault = None
+            raise RuntimeError(f"injected crash in member {bad.id}")
+        T = int(n_steps.max(initial=0))
+        if T == 0:
+            return {m.id: np.zeros(0) for m in ms}
+        model, _ = self._template(ms[0].spec)
+        P = {k: torch.stack([m.params[k] for m in ms]) for k in ms[0].params}  # (G, *shape)
+        B = {k: torch.stack([m.buf[k] for m in ms]) for k in ms[0].buf}
+        dev, G, bs = self.device, len(ms), ms[0].spec.batch_size
+
+        def per_member(vals: list[float]) -> torch.Tensor:
+            return torch.tensor(vals, dtype=self.x.dtype, device=dev)
+
+        lr, mom, wd = (per_member([getattr(m.spec, k) for m in ms]) for k in ("lr", "momentum", "weight_decay"))
+        # vmap's forward over the stacked weights, then one ordinary backward: each member's loss
+        # depends only on its own slice, so the summed loss gives every member its own gradient
+        # (twice as fast on a CPU as vmap(grad(...)), whose per-call transform overhead dominates)
+        fwd = vmap(partial(_logits, model))
+        names = list(P)
+        losses = torch.full((G, T), float("nan"), device=dev)
+        active_at = [(n_steps > t).sum() for t in range(T)]
+        t0 = time.perf_counter()
+        for t in range(T):
+            k = int(active_at[t])
+            idx = torch.stack([torch.randint(0, len(self.x), (bs,), generator=m.gen) for m in ms[:k]]).to(dev)
+            leaves = [P[n][:k].detach().requires_grad_() for n in names]
+            logits = fwd(dict(zip(names, leaves)), self.x[idx])  # (k, bs, C)
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), self.y[idx].flatten(),
+                                               reduction="none").view(k, bs).mean(1)
+            grads = torch.autograd.grad(loss.sum(), leaves)
+            with torch.no_grad():
+                for n, g in zip(names, grads):  # torch.optim.SGD: g += wd p; buf = mom buf + g; p -= lr buf
+                    p = P[n]
+                    shape = (k,) + (1,) * (p.dim() - 1)
+                    g = g.add(p[:k] * wd[:k].view(shape))
+                    B[n][:k].mul_(mom[:k].view(shape)).add_(g)
+                    p[:k].sub_(lr[:k].view(shape) * B[n][:k])
+            losses[:k, t] = loss.detach()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        elapsed = time.perf_counter() - t0
+        host = losses.cpu().numpy()
+        per_step = elapsed / max(int(n_steps.sum()), 1)
+        out = {}
+        for i, m in enumerate(ms):
+            m.params = {k: v[i].clone() for k, v in P.items()}
+            m.buf = {k: v[i].clone() for k, v in B.items()}
+            m.steps += int(n_steps[i])
+            m.step_time = per_step
+            out[m.id] = host[i, :n_steps[i]]
+        return out
+
+    @torch.no_grad()
+    def _evaluate(self, group: list[Member]) -> None:
+        if not group:
+            return
+        model, _ = self._template(group[0].spec)
+        P = {k: torch.stack([m.params[k] for m in group]) for k in group[0].params}
+        f = vmap(partial(_logits, model), in_dims=(0, None))
+        val = f(P, self.x_val)  # (G, n_val, C)
+        fit = f(P, self.x_fit)
+        n = val.shape[1]
+        val_loss = nn.functional.cross_entropy(val.flatten(0, 1), self.y_val.repeat(len(group)),
+                                               reduction="none").view(len(group), n).mean(1)
+        val_acc = (val.argmax(-1) == self.y_val).float().mean(1)
+        train_acc = (fit.argmax(-1) == self.y_fit).float().mean(1)
+        finite = torch.stack([torch.isfinite(p).flatten(1).all(1) for p in P.values()]).all(0)
+        host = torch.stack([val_acc.double(), val_loss.double(), train_acc.double(), finite.double()]).cpu().numpy()
+        for i, m in enumerate(group):
+            m.val_acc, m.val_loss, m.train_acc = (float(v) for v in host[:3, i])
+            if not host[3, i] or not math.isfinite(m.val_loss):
+                self._quarantine(m, "nonfinite", "non-finite weights" if not host[3, i] else
+                                 f"validation loss = {m.val_loss}", "")
+
+    def _quarantine(self, m: Member, detector: str, evidence: str, detail: str) -> None:
+        m.status, m.reason = "quarantined", evidence
+        m.val_acc = m.val_loss = m.train_acc = math.nan
+        self.alarms.append({"time": time.time(), "round": self.round, "member": m.id, "detector": detector,
+                            "kind": "member", "scope": "own", "evidence": evidence, "value": math.nan})
+        self.lineage.append({"round": self.round, "member": m.id, "kind": "quarantine", "parents": (),
+                             "before": m.spec.arch, "after": "", "detail": detail or evidence})
+
+    def _exchange(self) -> None:
+        """Share every owned member's metrics with the other processes (no-op in one process)."""
+        if self.world == 1:
+            return
+        mine = {m.id: m.metrics() for m in self.members if self.owns(m.id)}
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, (mine, self.alarms[-50:], self.lineage))
+        for d, _, _ in gathered:
+            for i, values in d.items():
+                if not self.owns(i):
+                    for k, v in values.items():
+                        setattr(self.members[i], k, v)
+        # quarantines found elsewhere this round go into every process's lineage, in member order
+        seen = {(e["round"], e["member"], e["kind"]) for e in self.lineage}
+        for _, _, lin in gathered:
+            for e in lin:
+                if (e["round"], e["member"], e["kind"]) not in seen:
+                    self.lineage.append(e)
+                    seen.add((e["round"], e["member"], e["kind"]))
+
+    def _observe(self, owned: list[Member], losses: dict[int, np.ndarray], first_step: dict[int, int]) -> None:
+        ids = np.array([m.id for m in owned], dtype=np.int64)
+        if ids.size == 0:
+            return
+        T = max((len(v) for v in losses.values()), default=0)
+        L = np.full((ids.size, T), np.nan)
+        for i, m in enumerate(owned):
+            row = losses.get(m.id, np.zeros(0))
+            L[i, :len(row)] = row
+            finite = row[np.isfinite(row)]
+            m.loss_mean = float(finite.mean()) if finite.size else math.nan
+            if m.active and finite.size < row.size:
+                self._quarantine(m, "nonfinite", f"{row.size - finite.size} non-finite losses in {row.size} steps", "")
+        alarms = self.watch.update(self.round, ids, np.array([first_step[m.id] for m in owned]), L,
+                                   np.array([m.step_time for m in owned]), np.array([m.loss_mean for m in owned]))
+        for a in alarms:
+            self.alarms.append({"time": time.time(), "round": a.round, "member": a.member, "detector": a.alarm.detector,
+                                "kind": a.alarm.kind, "scope": a.scope, "evidence": a.alarm.evidence,
+                                "value": a.alarm.value})
+
+    def _report(self, owned: list[Member], losses: dict[int, np.ndarray], first_step: dict[int, int],
+                t_round: float) -> None:
+        fit = self.fitness()
+        now = time.time()
+        rss, cpu = self._proc.memory_info().rss, self._proc.cpu_percent(None)
+        gpu = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
+        rows = []
+        n_train = len(self.x)
+        for m in owned:
+            row = losses.get(m.id, np.zeros(0))
+            finite = row[np.isfinite(row)]
+            spec = m.spec
+            rows.append({
+                "time": now, "member": m.id, "seq": m.seq, "round": self.round, "step": m.steps,
+                "epochs": m.steps * spec.batch_size / n_train, "steps": int(row.size),
+                "loss_mean": m.loss_mean, "loss_last": float(finite[-1]) if finite.size else math.nan,
+                "loss_max": float(finite.max()) if finite.size else math.nan, "nonfinite": int(row.size - finite.size),
+                "val_acc": m.val_acc, "val_loss": m.val_loss, "train_acc": m.train_acc, "fitness": float(fit[m.id]),
+                "lr": spec.lr, "momentum": spec.momentum, "weight_decay": spec.weight_decay,
+                "batch_size": spec.batch_size, "arch": spec.arch,
+                "n_params": sum(p.numel() for p in m.params.values()),
+                "compute_s": m.step_time * row.size if row.size else 0.0, "cpu_percent": cpu, "rss_bytes": rss,
+                "gpu_bytes": gpu, "device": str(self.device), "status": m.status, "origin": m.origin,
+            })
+            m.seq += 1
+        self._rows.extend(rows)
+        new_alarms = [a for a in self.alarms if a["round"] == self.round and self.owns(a["member"])]
+        if self.sink is not None and rows:
+            self.sink.write(to_batch("swarm", {k: [r[k] for r in rows] for k in rows[0]}), "swarm")
+            self.sink.write(self._param_stats([m for m in owned if m.active], now), "stats")
+            if new_alarms:
+                self.sink.write(to_batch("swarm_alarms", {k: [a[k] for a in new_alarms] for k in new_alarms[0]}),
+                                "swarm_alarms")
+        if self.collector is not None:
+            self.collector.poll()
+
+    def _param_stats(self, members: list[Member], now: float):
+        """Weight statistics of the selected layers of every member, one batched pass on device."""
+        groups, who, names = [], [], []
+        sel = set(self.config.param_layers)
+        for m in members:
+            _, layers = self._template(m.spec)
+            for name, keys in zip(self.layer_names(m.spec), layers):
+                if not sel or name in sel:
+                    groups.append([m.params[k] for k in keys])
+                    who.append(m)
+                    names.append(name)
+        cols: dict[str, Any] = {"time": now, "kind": "weight", "layer": names,
+                                "step": [m.steps for m in who], "rank": [m.id for m in who]}
+        if groups:
+            values = HostCopy(batched_stats(groups)).wait().numpy()
+        else:
+            values = np.zeros((0, len(STAT_NAMES)))
+        for j, s in enumerate(STAT_NAMES):
+            col = values[:, j]
+            cols[s] = col.astype(np.int64) if s in ("count", "nonfinite") else col
+        return to_batch("stats", cols)
+
+    # -- evolution ----------------------------------------------------------------------------------
+    def _evolve(self) -> None:
+        """Truncation exploit / explore and breeding, decided identically in every process."""
+        ms, pol, space = self.members, self.policy, self.config.space
+        active = np.array([m.active for m in ms])
+        quarantined = ~active
+        fit = self.fitness()
+        sim = self.config.similarity.matrix([m.spec for m in ms])
+        adjusted = diversity_penalty(fit, sim, pol.diversity)
+        actions = plan(adjusted, active, quarantined, pol, self.rng)
+        new: list[tuple[Action, MemberSpec, list[tuple[int, int]], int]] = []
+        for a in actions:  # every process draws the same specs and seeds
+            if a.kind == "exploit":
+                src = ms[a.parents[0]].spec
+                spec = space.perturb(src, self.rng, mode=pol.perturb, rate=pol.mutation_rate, resample=pol.resample,
+                                     arch_rate=pol.arch_mutation)
+                sources = [(0, i) for i in range(len(spec.layers))] if spec.layers != src.layers else None
+            else:
+                spec, sources = space.crossover(ms[a.parents[0]].spec, ms[a.parents[1]].spec, self.rng)
+                if self.rng.random() < pol.arch_mutation:
+                    spec = space.perturb(spec, self.rng, rate=0.0, arch_rate=1.0)
+                    sources = [(0, i) for i in range(len(spec.layers))]
+            new.append((a, spec, sources, int(self.rng.integers(2**62))))
+        states = self._source_states({p for a, *_ in new for p in a.parents})
+        for a, spec, sources, seed in new:
+            m = ms[a.dst]
+            before = m.spec.arch + " " + _hp(m.spec)
+            self.lineage.append({"round": self.round, "member": a.dst, "kind": a.kind, "parents": a.parents,
+                                 "before": before, "after": spec.arch + " " + _hp(spec),
+                                 "detail": f"fitness {fit[a.dst]:.3f} <- " + ", ".join(f"{fit[p]:.3f}" for p in a.parents)})
+            m.spec, m.status, m.reason = spec, "active", ""
+            m.origin = f"{a.kind} " + "x".join(map(str, a.parents))
+            for k in ("val_acc", "val_loss", "train_acc", "step_time"):  # until measured: the first parent's
+                setattr(m, k, getattr(ms[a.parents[0]], k))
+            self.watch.reset(a.dst)
+            if not self.owns(a.dst):
+                continue
+            self._template(spec)
+            params = self._init_params(spec, seed)
+            buf = {k: torch.zeros_like(v) for k, v in params.items()}
+            if sources is None:  # same layers: a plain copy of weights and momentum
+                src = states[a.parents[0]]
+                params = {k: v.clone() for k, v in src[0].items()}
+                buf = {k: v.clone() for k, v in src[1].items()}
+            else:
+                self._inherit(spec, params, buf, [(states[a.parents[p]], i) for p, i in sources],
+                              [states[p] for p in a.parents])
+            m.params, m.buf = params, buf
+            m.gen = torch.Generator().manual_seed(seed)
+
+    def _source_states(self, sources: set[int]) -> dict[int, tuple[dict, dict, MemberSpec]]:
+        """Weights, momentum and spec of the parents, gathered from whichever process owns them."""
+        mine = {i: ({k: v.cpu() for k, v in self.members[i].params.items()},
+                    {k: v.cpu() for k, v in self.members[i].buf.items()}, self.members[i].spec)
+                for i in sorted(sources) if self.owns(i)}
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, mine)
+            mine = {k: v for d in gathered for k, v in d.items()}
+        return {i: ({k: v.to(self.device) for k, v in p.items()}, {k: v.to(self.device) for k, v in b.items()}, s)
+                for i, (p, b, s) in mine.items()}
+
+    def _inherit(self, spec: MemberSpec, params: dict, buf: dict, sources: list, parents: list) -> None:
+        """Copy each layer's weights from the parent layer it came from (``sources``: per child
+        layer, the parent's state and the layer's index there) where the shapes agree; the output
+        layer from the first of ``parents`` whose output layer fits."""
+        _, child_layers = self._template(spec)
+        for keys, (state, i) in zip(child_layers[:-1], sources):
+            if i < 0:
+                continue
+            p_params, p_buf, p_spec = state
+            p_keys = self._template(p_spec)[1]
+            if i >= len(p_keys) - 1:
+                continue
+            _copy_layer(keys, p_keys[i], params, buf, p_params, p_buf)
+        for p_params, p_buf, p_spec in parents:
+            if _copy_layer(child_layers[-1], self._template(p_spec)[1][-1], params, buf, p_params, p_buf):
+                break
+
+    # -- results ------------------------------------------------------------------------------------
+    def history(self) -> pd.DataFrame:
+        """Every report this process made: one row per member per round (the ``swarm`` schema)."""
+        from ..records import get_schema
+        if not self._rows:
+            return get_schema("swarm").empty_table().to_pandas()
+        return pd.DataFrame(self._rows)
+
+    def alarm_frame(self) -> pd.DataFrame:
+        cols = ["time", "round", "member", "detector", "kind", "scope", "evidence", "value"]
+        return pd.DataFrame(self.alarms, columns=cols)
+
+    def lineage_frame(self) -> pd.DataFrame:
+        """Quarantines, exploits and breedings in order: round, member, kind, parents, before, after, detail."""
+        events = sorted(self.lineage, key=lambda e: (e["round"], e["kind"] != "quarantine", e["member"]))
+        return pd.DataFrame(events, columns=["round", "member", "kind", "parents", "before", "after", "detail"])
+
+    def table(self) -> pd.DataFrame:
+        """The members now: spec, status, origin and latest metrics, with fitness."""
+        fit = self.fitness()
+        rows = [{"member": m.id, "arch": m.spec.arch, **m.spec.hparams(), "status": m.status, "origin": m.origin,
+                 "steps": m.steps, "val_acc": m.val_acc, "val_loss": m.val_loss, "train_acc": m.train_acc,
+                 "fitness": fit[m.id], "steps_next": int(self._allocated[m.id])} for m in self.members]
+        return pd.DataFrame(rows).set_index("member")
+
+    def best(self) -> Member:
+        """The active member with the highest fitness."""
+        fit = self.fitness()
+        return self.members[int(np.argmax(np.where([m.active for m in self.members], fit, -1.0)))]
+
+    def model(self, member: int) -> nn.Module:
+        """A standalone ``nn.Module`` with a member's current weights (owned members only)."""
+        m = self.members[member]
+        if m.params is None:
+            raise ValueError(f"model(member={member}): owned by another process")
+        net = build_model(m.spec, self.n_features, self.n_classes, self.config.image_shape).to(self.device)
+        net.load_state_dict(m.params)
+        return net
+
+    @torch.no_grad()
+    def accuracy(self, member: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Accuracy of a member on ``(x, y)`` (for example the test set)."""
+        net = self.model(member)
+        return float((net(x.to(self.device)).argmax(1) == y.to(self.device)).float().mean())
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config, "goals": self.goals, "policy": self.policy, "round": self.round,
+            "rng": self.rng.bit_generator.state, "allocated": self._allocated, "rows": self._rows,
+            "alarms": self.alarms, "lineage": self.lineage, "watch": self.watch.monitors,
+            "members": [{**{k: getattr(m, k) for k in ("id", "spec", "steps", "status", "origin", "reason", "seq",
+                                                      "val_acc", "val_loss", "train_acc", "loss_mean", "step_time")},
+                         "params": None if m.params is None else {k: v.cpu() for k, v in m.params.items()},
+                         "buf": None if m.buf is None else {k: v.cpu() for k, v in m.buf.items()},
+                         "gen": None if m.gen is None else m.gen.get_state()} for m in self.members],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.goals, self.policy, self.round = state["goals"], state["policy"], state["round"]
+        self.rng.bit_generator.state = state["rng"]
+        self._allocated = state["allocated"]
+        self._rows, self.alarms, self.lineage = list(state["rows"]), list(state["alarms"]), list(state["lineage"])
+        self.watch.monitors = state["watch"]
+        members = []
+        for d in state["members"]:
+            gen = None
+            if d["gen"] is not None:
+                gen = torch.Generator()
+                gen.set_state(d["gen"])
+            m = Member(d["id"], d["spec"], _to(d["params"], self.device), _to(d["buf"], self.device), gen)
+            for k in ("steps", "status", "origin", "reason", "seq", "val_acc", "val_loss", "train_acc", "loss_mean",
+                      "step_time"):
+                setattr(m, k, d[k])
+            self._template(m.spec)
+            members.append(m)
+        self.members = members
+
+    def save(self, path: str | Path) -> Path:
+        """Write the whole swarm (members, optimiser state, history) to ``path``; returns the path."""
+        path = Path(path)
+        torch.save(self.state_dict(), path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, data: Split, *, val: tuple[torch.Tensor, torch.Tensor] | None = None,
+             device: torch.device | str | None = None, sink: Sink | None = None) -> Swarm:
+        """A swarm restored from :meth:`save`, ready to continue exactly where it stopped.
+
+        Raises:
+            ValueError: the file is not a swarm checkpoint.
+        """
+        try:
+            state = torch.load(Path(path), weights_only=False)
+            config = state["config"]
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"Swarm.load(path={str(path)!r}): not a swarm checkpoint ({e})") from None
+        if not isinstance(config, SwarmConfig):
+            raise ValueError(f"Swarm.load(path={str(path)!r}): not a swarm checkpoint")
+        swarm = cls(data, config, specs=[d["spec"] for d in state["members"]], val=val, device=device, sink=sink)
+        swarm.load_state_dict(state)
+        return swarm
+
+    def close(self) -> None:
+        """Close the sink (and the in-process collector's socket after a last poll)."""
+        if self.sink is not None and not self.sink.closed:
+            self.sink.close()
+        if self.collector is not None:
+            self.collector.poll()
+            self.collector.close()
+
+    def __enter__(self) -> Swarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _to(tensors: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, torch.Tensor] | None:
+    return None if tensors is None else {k: v.to(device) for k, v in tensors.items()}
+
+
+def _hp(spec: MemberSpec) -> str:
+    return f"lr={spec.lr:.3g} mom={spec.momentum:.2f} wd={spec.weight_decay:.2g}"
+
+
+def _copy_layer(keys: list[str], src_keys: list[str], params: dict, buf: dict, src_params: dict,
+                src_buf: dict) -> bool:
+    """Copy one layer's weights and momentum when every tensor's shape agrees; True if copied."""
+    if len(keys) != len(src_keys) or any(params[k].shape != src_params[s].shape for k, s in zip(keys, src_keys)):
+        return False
+    for k, s in zip(keys, src_keys):
+        params[k] = src_params[s].clone()
+        buf[k] = src_buf[s].clone()
+    return True
+
