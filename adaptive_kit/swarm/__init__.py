@@ -7,7 +7,16 @@
 from .bus import ALARM_SCHEMA, SWARM_SCHEMA, Collector
 from .distributed import train_distributed
 from .engine import FAULTS, Member, Swarm, SwarmConfig
-from .optimiser import Action, Goals, OptimiserConfig, allocate, diversity_penalty, fitness, plan
+from .optimiser import (
+                   RANDOM_SEARCH,
+                   Action,
+                   Goals,
+                   OptimiserConfig,
+                   allocate,
+                   diversity_penalty,
+                   fitness,
+                   plan,
+)
 from .spec import (
                    ACTIVATIONS,
                    HPARAMS,
@@ -24,7 +33,7 @@ from .watch import Watch, WatchConfig
 
 __all__ = [
     "ACTIVATIONS", "ALARM_SCHEMA", "Action", "Collector", "FAULTS", "Goals", "HPARAMS", "LAYER_KINDS", "Layer",
-    "Member", "MemberSpec", "OptimiserConfig", "SWARM_SCHEMA", "SearchSpace", "Similarity", "SpecError", "Swarm",
+    "Member", "MemberSpec", "OptimiserConfig", "RANDOM_SEARCH", "SWARM_SCHEMA", "SearchSpace", "Similarity", "SpecError", "Swarm",
     "SwarmConfig", "Watch", "WatchConfig", "allocate", "build_model", "diversity_penalty", "fitness", "n_parameters",
     "plan", "train_distributed",
 ]

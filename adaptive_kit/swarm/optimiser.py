@@ -105,6 +105,9 @@ class OptimiserConfig:
             raise ValueError(f"OptimiserConfig.diversity must be >= 0, got {self.diversity!r}")
 
 
+RANDOM_SEARCH = OptimiserConfig(allocation="equal", exploit_every=0)  # a swarm's random-search twin
+
+
 def allocate(fit: np.ndarray, total_steps: int, active: np.ndarray, config: OptimiserConfig) -> np.ndarray:
     """Steps per member for one round; they sum to ``total_steps`` exactly (inactive members get 0).
 

@@ -32,7 +32,8 @@ class MemberAlarm:
 @dataclass
 class Watch:
     """Feeds each member's per-step losses and per-round step time to its own monitors, and
-    compares each round's loss and step time across members with a robust z-score."""
+    compares each round's mean loss across members with a robust z-score (step times are not
+    compared across members: a bigger network is slower without being anomalous)."""
 
     config: WatchConfig = WatchConfig()
     monitors: dict[tuple[int, str], SeriesMonitor] = field(default_factory=dict)
@@ -61,7 +62,6 @@ class Watch:
                 out += [MemberAlarm(rnd, m, "own", a) for a in self._own(m, "step_time", rnd, float(step_time[i]))
                         if a.detector == "spike"]
         out += self._population(rnd, members, np.log(np.maximum(loss_mean, 1e-12)), "loss")
-        out += self._population(rnd, members, step_time, "step_time")
         return out
 
     def _population(self, rnd: int, members: np.ndarray, x: np.ndarray, name: str) -> list[MemberAlarm]:
@@ -70,8 +70,7 @@ class Watch:
             return []
         med = np.median(x[ok])
         mad = 1.4826 * np.median(np.abs(x[ok] - med))
-        # floors: a loss 10 % off in log units, a step time 5 % off, are never outliers
-        scale = max(mad, 0.1 if name == "loss" else 0.05 * abs(med), 1e-12)
+        scale = max(mad, 0.1)  # in log units: a loss within ~10 % of the median is never an outlier
         z = (x - med) / scale
         out = []
         for i in np.flatnonzero(ok & (z > self.config.population_sigmas)).tolist():
