@@ -2,6 +2,7 @@
 with torch.func, reported on the bus, watched, and steered by the optimiser."""
 from __future__ import annotations
 
+import difflib
 import math
 import time
 import traceback
@@ -285,7 +286,8 @@ class Swarm:
         ms, n_steps = [group[i] for i in order], np.array([steps[i] for i in order])
         if any(m.fault == "crash" for m in ms):
             bad = next(m for m in ms if m.fault == "crash")
-            bad.fault = None
+            if len(ms) == 1:  # in a batch, the retry one by one finds the member and quarantines it
+                bad.fault = None
             raise RuntimeError(f"injected crash in member {bad.id}")
         T = int(n_steps.max(initial=0))
         if T == 0:
@@ -481,12 +483,13 @@ class Swarm:
                 src = ms[a.parents[0]].spec
                 spec = space.perturb(src, self.rng, mode=pol.perturb, rate=pol.mutation_rate, resample=pol.resample,
                                      arch_rate=pol.arch_mutation)
-                sources = [(0, i) for i in range(len(spec.layers))] if spec.layers != src.layers else None
+                sources = None if spec.layers == src.layers else [(0, i) for i in _align(src.layers, spec.layers)]
             else:
                 spec, sources = space.crossover(ms[a.parents[0]].spec, ms[a.parents[1]].spec, self.rng)
                 if self.rng.random() < pol.arch_mutation:
-                    spec = space.perturb(spec, self.rng, rate=0.0, arch_rate=1.0)
-                    sources = [(0, i) for i in range(len(spec.layers))]
+                    mutated = space.perturb(spec, self.rng, rate=0.0, arch_rate=1.0)
+                    sources = [sources[i] if i >= 0 else (0, -1) for i in _align(spec.layers, mutated.layers)]
+                    spec = mutated
             new.append((a, spec, sources, int(self.rng.integers(2**62))))
         states = self._source_states({p for a, *_ in new for p in a.parents})
         for a, spec, sources, seed in new:
@@ -660,6 +663,15 @@ class Swarm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _align(old: Sequence, new: Sequence) -> list[int]:
+    """For each entry of ``new``, its index in ``old`` where the two lists match (-1: new)."""
+    out = [-1] * len(new)
+    for block in difflib.SequenceMatcher(None, list(old), list(new), autojunk=False).get_matching_blocks():
+        for j in range(block.size):
+            out[block.b + j] = block.a + j
+    return out
 
 
 def _to(tensors: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, torch.Tensor] | None:

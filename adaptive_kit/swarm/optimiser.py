@@ -156,11 +156,11 @@ def plan(adjusted: np.ndarray, active: np.ndarray, quarantined: np.ndarray, conf
     """
     adjusted = np.asarray(adjusted, float)
     ids = np.flatnonzero(active)
-    if ids.size < 2:
+    if ids.size == 0:
         return []
-    k = max(1, int(round(config.truncation * ids.size)))
+    k = max(1, min(int(round(config.truncation * ids.size)), ids.size // 2))  # top and bottom never overlap
     order = ids[np.argsort(-adjusted[ids], kind="stable")]
-    top, bottom = order[:k], list(order[-k:])
+    top, bottom = order[:k], (list(order[-k:]) if ids.size >= 2 else [])
     if config.refill_quarantined:
         bottom += list(np.flatnonzero(quarantined))
     actions = []
