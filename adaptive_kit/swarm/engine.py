@@ -144,7 +144,10 @@ class Swarm:
         elif len(specs) != config.members:
             raise ValueError(f"specs: got {len(specs)} for SwarmConfig.members={config.members}")
         self._templates: dict[tuple, tuple[nn.Module, list[list[str]]]] = {}
-        self.members = [self._new_member(i, s) for i, s in enumerate(specs)]
+        # members' own seeds come from a generator of their own, so that a swarm given the specs
+        # another swarm drew (its random-search twin) starts from the same weights and batches
+        seeds = np.random.default_rng([config.seed, 1]).integers(2**62, size=len(specs))
+        self.members = [self._new_member(i, s, int(seed)) for i, (s, seed) in enumerate(zip(specs, seeds))]
         self.round = 0
         self.paused = False
         self.alarms: list[dict[str, Any]] = []
@@ -184,8 +187,7 @@ class Swarm:
             model = build_model(spec, self.n_features, self.n_classes, self.config.image_shape)
         return {k: v.detach().to(self.device) for k, v in model.named_parameters()}
 
-    def _new_member(self, i: int, spec: MemberSpec) -> Member:
-        seed = int(self.rng.integers(2**62))
+    def _new_member(self, i: int, spec: MemberSpec, seed: int) -> Member:
         self._template(spec)  # validates the spec against the data (conv needs an image shape)
         if not self.owns(i):
             return Member(i, spec, None, None, None)
@@ -500,8 +502,7 @@ class Swarm:
                                  "detail": f"fitness {fit[a.dst]:.3f} <- " + ", ".join(f"{fit[p]:.3f}" for p in a.parents)})
             m.spec, m.status, m.reason = spec, "active", ""
             m.origin = f"{a.kind} " + "x".join(map(str, a.parents))
-            for k in ("val_acc", "val_loss", "train_acc", "step_time"):  # until measured: the first parent's
-                setattr(m, k, getattr(ms[a.parents[0]], k))
+            m.step_time = ms[a.parents[0]].step_time  # until measured: the first parent's
             self.watch.reset(a.dst)
             if not self.owns(a.dst):
                 continue
@@ -517,6 +518,15 @@ class Swarm:
                               [states[p] for p in a.parents])
             m.params, m.buf = params, buf
             m.gen = torch.Generator().manual_seed(seed)
+        # measure the new members now, so that the next allocation and best() see their own numbers
+        fresh: dict[tuple, list[Member]] = defaultdict(list)
+        for a, *_ in new:
+            if self.owns(a.dst):
+                fresh[ms[a.dst].spec.group_key].append(ms[a.dst])
+        for group in fresh.values():
+            self._evaluate(group)
+        if new:
+            self._exchange()
 
     def _source_states(self, sources: set[int]) -> dict[int, tuple[dict, dict, MemberSpec]]:
         """Weights, momentum and spec of the parents, gathered from whichever process owns them."""

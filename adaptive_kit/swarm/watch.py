@@ -74,7 +74,8 @@ class Watch:
         z = (x - med) / scale
         out = []
         for i in np.flatnonzero(ok & (z > self.config.population_sigmas)).tolist():
-            ev = f"{name} {x[i]:.4g} is {z[i]:.1f} robust sigmas above the population median {med:.4g}"
+            ev = (f"mean {name} {np.exp(x[i]):.4g} is {z[i]:.1f} robust sigmas (in log {name}) above the "
+                  f"population median {np.exp(med):.4g}")
             out.append(MemberAlarm(rnd, int(members[i]), "population",
                                    Alarm(rnd, "outlier", name, "", "scalar", ev, float(z[i]))))
         return out
