@@ -35,8 +35,8 @@ def _producer(rank: int, members: list[int], address: str, duration_s: float, mo
               start_at: float) -> None:
     import torch
     torch.set_num_threads(1)
-    from adaptive_kit.records import ZmqPushSink, _batch_bytes, to_batch  # noqa: F401 (registers schemas)
     import adaptive_kit.swarm  # noqa: F401 - registers the swarm schema
+    from adaptive_kit.records import ZmqPushSink, _batch_bytes, to_batch  # noqa: F401 (registers schemas)
 
     ids = np.array(members)
     seq = np.zeros(len(ids), np.int64)
@@ -150,8 +150,8 @@ def soak(mode: str, duration_s: float, flush_s: float = 0.1) -> dict:
 
 
 def run(quick: bool) -> pd.DataFrame:
-    ours = 20.0 if quick else 180.0
-    anchor = 10.0 if quick else 30.0
+    ours = 10.0 if quick else 120.0
+    anchor = 5.0 if quick else 30.0
     rows = [soak("batched", ours), soak("push", anchor), soak("pubsub", anchor)]
     frame = pd.DataFrame(rows).set_index("mode")
     frame.index = frame.index.map({"batched": "ours: Arrow batches every 0.1 s, PUSH/PULL",
