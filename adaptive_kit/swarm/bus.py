@@ -95,7 +95,9 @@ class Collector:
 
     def poll(self, timeout_ms: int = 0) -> list[Received]:
         """Take what has arrived; return it (also kept in :attr:`tables`)."""
-        got = self.source.poll(timeout_ms)
+        return self._keep(self.source.poll(timeout_ms))
+
+    def _keep(self, got: list[Received]) -> list[Received]:
         now = time.time()
         for r in got:
             self.tables[r.stream].append(r.batch)
@@ -118,10 +120,7 @@ class Collector:
 
     def drain(self, producers: int, timeout_s: float = 30.0) -> None:
         """Receive until ``producers`` sinks have closed (sent their end message) or time runs out."""
-        for r in self.source.drain(producers, timeout_s):
-            self.tables[r.stream].append(r.batch)
-            if r.stream == "swarm" and r.batch.num_rows:
-                self._check(r.batch, time.time())
+        self._keep(self.source.drain(producers, timeout_s))
 
     def frame(self, stream: str = "swarm") -> pd.DataFrame:
         """Everything received on ``stream`` as a DataFrame (empty with the schema's columns if nothing)."""
