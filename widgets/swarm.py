@@ -281,8 +281,9 @@ class SwarmPanel:
         self.graph_fig.add_tools(self.node_hover, TapTool(renderers=[self.node_renderer]))
         self.node_source.selected.on_change("indices", self._on_tap)
         # -- the heatmap
+        # `time` (when the member reported, seconds since the epoch) lets a browser measure data age
         self.heat_source = ColumnDataSource({"member": [], "round": [], **{m: [] for m in METRICS},
-                                             "status": [], "arch": []})
+                                             "status": [], "arch": [], "time": []}, name="swarm_heat")
         self.heat_alarm_source = ColumnDataSource({"member": [], "round": [], "detector": [], "evidence": []})
         self.heat_fig = figure(title="", width=600, height=420, tools="xpan,xwheel_zoom,reset,save",
                                x_axis_label="round", y_axis_label="member", y_range=(n - 0.5, -0.5))
@@ -551,7 +552,7 @@ class SwarmPanel:
     def _stream_heat(self, rows: pd.DataFrame) -> None:
         new = {"member": rows["member"].astype(int).tolist(), "round": rows["round"].astype(int).tolist(),
                **{m: _floats(rows[m]) for m in METRICS}, "status": rows["status"].astype(str).tolist(),
-               "arch": rows["arch"].astype(str).tolist()}
+               "arch": rows["arch"].astype(str).tolist(), "time": rows["time"].astype(float).tolist()}
         self.heat_source.stream(new, rollover=self.max_points)
 
     def _take_alarms(self, alarms: pd.DataFrame) -> None:

@@ -1,0 +1,225 @@
+"""JupyterLab in a real browser: start a lab over a temporary folder, open a notebook in Debian's
+chromium through playwright, run it, and read what the page shows (probe.js does the reading).
+
+Used by the browser tests and by ``benchmarks/dashboard.py``. Chromium is ``/usr/bin/chromium``
+(Debian's ``chromium`` package: ``make chromium``) unless ``ADAPTIVE_KIT_CHROMIUM`` names another.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+PROBE = Path(__file__).with_name("probe.js")
+NOTEBOOKS = sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb"))
+ARTIFACTS = REPO / "artifacts" / "browser"  # screenshots and figures (gitignored)
+CHROMIUM = Path(os.environ.get("ADAPTIVE_KIT_CHROMIUM", "/usr/bin/chromium"))
+# the machine's network is closed: without these chromium keeps dialling Google's services
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+# lab settings for a test: every cell in the DOM (no virtual scrolling), no news or update toasts
+SETTINGS = {
+    "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
+    "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
+    "@jupyterlab/docmanager-extension/plugin": {"autosave": False},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class JupyterLab:
+    """A JupyterLab server on 127.0.0.1 over ``root``, with its own token, settings, workspaces and
+    Jupyter dirs under ``root/.lab`` (nothing of the user's is read or written), kernels started with
+    ``env`` added to this process's environment. Use as a context manager.
+    """
+
+    def __init__(self, root: Path, *, env: dict[str, str] | None = None, start_timeout_s: float = 120) -> None:
+        self.root = Path(root)
+        self.env = dict(env or {})
+        self.start_timeout_s = start_timeout_s
+        self.token = secrets.token_hex(16)
+        self.port = _free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = self.root / ".lab" / "server.log"
+
+    def __enter__(self) -> JupyterLab:
+        state = self.root / ".lab"
+        for name, values in SETTINGS.items():
+            path = state / "settings" / f"{name}.jupyterlab-settings"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(values))
+        env = os.environ | self.env | {
+            "JUPYTER_CONFIG_DIR": str(state / "config"), "JUPYTER_DATA_DIR": str(state / "data"),
+            "JUPYTER_RUNTIME_DIR": str(state / "runtime"), "IPYTHONDIR": str(state / "ipython"),
+            "JUPYTER_PLATFORM_DIRS": "1"}
+        cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
+               "--port-retries=0", f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root}",
+               "--ServerApp.allow_root=True", f"--LabApp.workspaces_dir={state / 'workspaces'}",
+               f"--LabApp.user_settings_dir={state / 'settings'}", "--LabApp.expose_app_in_browser=True"]
+        self._log_file = self.log.open("w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=self.root)
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"JupyterLab exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                self.api("GET", "/api/status")
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.__exit__(None, None, None)
+                    raise RuntimeError(f"JupyterLab did not answer within {self.start_timeout_s:.0f} s:\n"
+                                       f"{self.tail()}") from None
+                time.sleep(0.5)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+
+    def api(self, method: str, path: str) -> Any:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method,
+                                     headers={"Authorization": f"token {self.token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            body = r.read()
+        return json.loads(body) if body else None
+
+    def url(self, notebook: str) -> str:
+        """The notebook's address: ``?reset`` opens it in a fresh workspace, alone."""
+        return f"http://127.0.0.1:{self.port}/lab/tree/{notebook}?reset&token={self.token}"
+
+    def shutdown_kernels(self) -> None:
+        for kernel in self.api("GET", "/api/kernels"):
+            self.api("DELETE", f"/api/kernels/{kernel['id']}")
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+def copy_notebooks(names: list[str], root: Path) -> None:
+    """Copy the kit's notebooks into a lab's root, so that running them leaves the repository alone."""
+    for name in names:
+        shutil.copy(REPO / "notebooks" / name, root / name)
+
+
+@contextmanager
+def browser(headless: bool = True) -> Iterator[Any]:
+    """Debian's chromium under playwright, with the flags this machine needs."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=headless)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class LabPage:
+    """One tab of the lab showing one notebook: open it, run it, read its cells and plots, find its
+    widgets. ``problems`` collects uncaught page errors and console errors as they happen."""
+
+    def __init__(self, browser: Any, lab: JupyterLab, *, width: int = 1400, height: int = 1100) -> None:
+        self.lab = lab
+        self.context = browser.new_context(viewport={"width": width, "height": height})
+        self.context.add_init_script(path=str(PROBE))
+        self.page = self.context.new_page()
+        self.problems: list[str] = []
+        self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        self.page.on("console", lambda m: m.type == "error" and self.problems.append(f"console error: {m.text}"))
+
+    def close(self) -> None:
+        self.context.close()
+
+    def probe(self, call: str, *args: Any) -> Any:
+        """``akProbe.<call>(*args)`` in the page."""
+        return self.page.evaluate(f"(args) => window.akProbe.{call}(...args)", list(args))
+
+    def open(self, notebook: str, timeout_s: float = 120) -> None:
+        """Open the notebook and wait until its kernel is ready."""
+        self.page.goto(self.lab.url(notebook))
+        self.page.wait_for_function(
+            "(name) => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+            " return w && w.sessionContext && w.context.path === name; }", arg=notebook, timeout=timeout_s * 1000)
+        self.page.evaluate("async () => { const app = window.jupyterapp; const w = app.shell.currentWidget;"
+                           " await w.context.ready; await w.sessionContext.ready; app.shell.collapseLeft(); }")
+        self.wait_idle(timeout_s)
+
+    def run_all(self, timeout_s: float = 600) -> bool:
+        """Run every cell (the Run All command) and wait until the last one finished; True when no
+        cell failed."""
+        self.page.evaluate("() => { window.__akRun = null; window.jupyterapp.commands"
+                           ".execute('notebook:run-all-cells').then((ok) => window.__akRun = {ok},"
+                           " (e) => window.__akRun = {ok: false, error: String(e)}); }")
+        self.page.wait_for_function("() => window.__akRun", timeout=timeout_s * 1000, polling=250)
+        self.wait_idle(timeout_s)
+        self.probe("markCells")
+        return bool(self.page.evaluate("() => window.__akRun.ok"))
+
+    def wait_idle(self, timeout_s: float = 120) -> None:
+        """Wait until the kernel is idle (stays idle for half a second)."""
+        self.page.wait_for_function("() => window.akProbe.kernelStatus() === 'idle'", timeout=timeout_s * 1000)
+        time.sleep(0.5)
+        self.page.wait_for_function("() => window.akProbe.kernelStatus() === 'idle'", timeout=timeout_s * 1000)
+
+    def cells(self) -> list[dict[str, Any]]:
+        return self.probe("cells")
+
+    def plots(self, cell: int | None = None) -> list[dict[str, Any]]:
+        return self.probe("plots", cell) if cell is not None else self.probe("plots")
+
+    def signature(self, cell: int) -> dict[str, Any]:
+        return self.probe("signature", cell)
+
+    def cell(self, index: int) -> Any:
+        """The playwright locator of cell ``index``."""
+        return self.page.locator(f'[data-ak-cell="{index}"]')
+
+    def panel_cell(self, title: str) -> int:
+        """The index of the cell whose output shows the panel titled ``title``."""
+        heading = self.page.locator(".jp-OutputArea h3", has_text=title).first
+        heading.wait_for(timeout=30_000)
+        index = heading.evaluate("(el) => window.akProbe.cellOf(el)")
+        if index < 0:
+            raise LookupError(f"no cell shows a panel titled {title!r}")
+        return index
+
+    def wait_for_change(self, cell: int, before: dict[str, Any], timeout_s: float = 120) -> dict[str, Any]:
+        """Wait until the data behind the cell's plots differs from ``before``, then for the kernel
+        to go idle; returns the new signature (equal to ``before`` on time-out)."""
+        deadline = time.monotonic() + timeout_s
+        after = self.signature(cell)
+        while after["hash"] == before["hash"] and time.monotonic() < deadline:
+            time.sleep(0.25)
+            after = self.signature(cell)
+        self.wait_idle(timeout_s)
+        return self.signature(cell)
+
+    def screenshot(self, path: Path, cell: int | None = None) -> None:
+        """The viewport, scrolled to ``cell`` when given."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if cell is not None:
+            self.cell(cell).scroll_into_view_if_needed()
+            self.cell(cell).evaluate("(el) => el.scrollIntoView({block: 'start'})")
+            time.sleep(0.3)
+        self.page.screenshot(path=str(path))

@@ -1,0 +1,94 @@
+"""Every notebook in a real JupyterLab in headless chromium: Run All in fast mode, no error output,
+every widget and plot drawn, and one interaction with the notebook's panel that changes its plots'
+data, as a user would make it (a dropdown, a slider key, a button, a tab)."""
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+from harness import NOTEBOOKS, LabPage
+
+pytestmark = pytest.mark.timeout(900)
+
+Step = Callable[[LabPage, object], None]
+
+
+def pick(label: str, option: str) -> Step:
+    """Choose ``option`` in the dropdown described ``label``."""
+    def step(page: LabPage, cell) -> None:
+        dropdown = cell.locator(".widget-dropdown").filter(has=page.page.locator("label", has_text=label))
+        dropdown.locator("select").select_option(label=option)
+    return step
+
+
+def press(text: str) -> Step:
+    """Click the button that says ``text``."""
+    return lambda page, cell: cell.locator("button", has_text=text).click()
+
+
+def slide(label: str, key: str = "ArrowRight") -> Step:
+    """Move the slider described ``label`` one step with the keyboard."""
+    def step(page: LabPage, cell) -> None:
+        slider = cell.locator(".widget-slider").filter(has=page.page.locator("label", has_text=label))
+        slider.locator(".noUi-handle").press(key)
+    return step
+
+
+def tab(title: str) -> Step:
+    """Open the tab titled ``title``."""
+    return lambda page, cell: cell.locator(".lm-TabBar-tab", has_text=title).click()
+
+
+@dataclass(frozen=True)
+class Case:
+    notebook: str
+    panel: str  # the panel's title
+    steps: tuple[Step, ...]  # the interaction
+
+
+CASES = [
+    Case("00_tour.ipynb", "Tour", (pick("batch size", "128"), press("Train"))),
+    Case("01_telemetry_granularity.ipynb", "Telemetry granularity", (pick("statistic", "norm"),)),
+    Case("02_speculative_training.ipynb", "Speculative training", (pick("network", "lan"),)),
+    Case("03_predictive_partitioning.ipynb", "Predictive partitioning", (slide("slowdown"),)),
+    Case("04_federated_meta_learning.ipynb", "Federated meta-learning", (tab("Partition"), slide("granularity", "ArrowLeft"))),
+    Case("05_swarm_live.ipynb", "Live swarm", (pick("metric", "val_loss"),)),
+]
+
+
+def test_every_notebook_has_a_case():
+    assert sorted(c.notebook for c in CASES) == NOTEBOOKS
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.notebook.split("_")[0] for c in CASES])
+def test_notebook_runs_renders_and_responds(lab_page, artifacts, case):
+    page = lab_page
+    page.open(case.notebook)
+    assert page.run_all(), f"Run All stopped early:\n{page.lab.tail()}"
+
+    code = [c for c in page.cells() if c["type"] == "code"]
+    assert code and all(c["executionCount"] for c in code), "a cell did not run"
+    assert not {c["index"]: c["errors"] for c in code if c["errors"]}, "error output"
+    assert not {c["index"]: c["renderFailures"] for c in code if c["renderFailures"]}
+
+    # the panel's widgets are on the page with a size; every visible plot is drawn, not blank
+    panel = page.panel_cell(case.panel)
+    for widget in ("h3", ".widget-dropdown, .widget-slider, button"):
+        shown = page.cell(panel).locator(f".jp-OutputArea-output .jupyter-widgets {widget}").filter(visible=True)
+        box = shown.first.bounding_box()
+        assert box and box["width"] > 20 and box["height"] > 10, f"the panel's {widget} is not drawn"
+    plots = [p for p in page.plots() if p["visible"] and p["figures"]]
+    assert plots, "no bokeh plot on the page"
+    for p in plots:
+        for f in p["figures"]:
+            assert f["ink"] > 0.002 and f["colours"] >= 3, f"cell {p['cell']}: a blank {p['type']} canvas: {f}"
+
+    assert any(p["cell"] == panel for p in plots), "the panel shows no plot"
+    before = page.signature(panel)
+    assert before["rows"] > 0, "the panel's plots hold no data"
+    for step in case.steps:
+        step(page, page.cell(panel))
+    after = page.wait_for_change(panel, before)
+    page.screenshot(artifacts / f"{case.notebook.removesuffix('.ipynb')}.png", panel)
+    assert after["hash"] != before["hash"], "the interaction did not change the panel's data"
+    assert not [c for c in page.cells() if c["errors"]], "the interaction raised"
+    assert not page.problems, page.problems
