@@ -8,7 +8,7 @@ LAB_PORT ?= 8888
 LAB_FLAGS = --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --ServerApp.root_dir=notebooks --ServerApp.allow_root=True
 NBVAL = --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: install lab test lint lab-smoke clean
+.PHONY: install lab test lint lab-smoke chromium clean
 
 # torch==2.13.0 goes in first: it is the CPU build here, so the kit's `torch>=2.3`
 # is already satisfied and pip pulls no CUDA packages.
@@ -28,6 +28,12 @@ lint: install
 
 test: lint
 	ADAPTIVE_KIT_FAST=1 $(VENV)/bin/pytest tests notebooks $(NBVAL)
+
+# Debian's chromium for the browser tests (tests/browser): apt, as root or through sudo.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then echo "chromium: $$(/usr/bin/chromium --version 2>/dev/null)"; \
+	elif [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }; \
+	else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi
 
 # Start JupyterLab exactly as `make lab` does, check that it answers over HTTP, stop it.
 lab-smoke: install

@@ -182,6 +182,20 @@ class LabPage:
         time.sleep(0.5)
         self.page.wait_for_function("() => window.akProbe.kernelStatus() === 'idle'", timeout=timeout_s * 1000)
 
+    def run_cell(self, index: int, timeout_s: float = 300) -> str:
+        """Run cell ``index`` alone; returns the text it printed."""
+        self.page.evaluate("async (i) => { const app = window.jupyterapp; const nb = app.shell.currentWidget;"
+                           " nb.content.activeCellIndex = i; await app.commands.execute('notebook:run-cell'); }",
+                           index)
+        self.wait_idle(timeout_s)
+        self.probe("markCells")
+        cell = self.cells()[index]
+        if cell["errors"]:
+            raise RuntimeError(f"cell {index} failed: {cell['errors']}")
+        return self.page.evaluate(
+            "(i) => window.jupyterapp.shell.currentWidget.content.widgets[i].model.outputs.toJSON()"
+            ".filter((o) => o.output_type === 'stream').map((o) => o.text).join('')", index)
+
     def cells(self) -> list[dict[str, Any]]:
         return self.probe("cells")
 
@@ -223,3 +237,71 @@ class LabPage:
             self.cell(cell).evaluate("(el) => el.scrollIntoView({block: 'start'})")
             time.sleep(0.3)
         self.page.screenshot(path=str(path))
+
+
+def write_notebook(path: Path, cells: list[str]) -> None:
+    """A notebook of code cells (for a measurement the kit's notebooks do not make)."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src) for src in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+DASHBOARD = """\
+import torch
+
+import adaptive_kit as ak
+from adaptive_kit.swarm import Swarm, SwarmConfig
+from widgets import setup_notebook
+from widgets.swarm import SwarmPanel
+
+setup_notebook()
+torch.set_num_threads(1)  # the browser gets the other core
+swarm = Swarm(ak.datasets.digits(), SwarmConfig(members={members}, steps_per_round={steps}, seed=0))
+panel = SwarmPanel(swarm, min_interval_s={min_interval_s})
+panel
+"""
+DASHBOARD_REPORT = """\
+import json
+
+import numpy as np
+
+bus = swarm.collector.report(swarm.sent)
+print(json.dumps({"rounds": swarm.round, "ticks": panel.ticks, "dropped_ticks": panel.dropped_ticks,
+                  "redraws": panel.redraws, "redraw_ms_median": float(np.median(panel.redraw_s)) * 1e3,
+                  "reports": int(bus["received"].sum()), "lost": int(bus["lost"].sum()), "gaps": int(bus["gaps"].sum())}))
+"""
+
+
+def measure_swarm_dashboard(page: LabPage, *, seconds: float = 60, members: int = 64, steps: int = 5,
+                            min_interval_s: float = 0.35) -> dict[str, Any]:
+    """Play a ``members``-member swarm on its dashboard for ``seconds`` in the browser and measure, in the
+    page, frames per second and the age of the data each update shows (frame time - the newest and
+    the oldest report's ``time``); the kernel's own counters come back under ``kernel``."""
+    import numpy as np
+
+    name = f"swarm_dashboard_{members}_{min_interval_s:g}.ipynb"
+    write_notebook(page.lab.root / name, [DASHBOARD.format(members=members, steps=steps,
+                                                           min_interval_s=min_interval_s), DASHBOARD_REPORT])
+    page.open(name)
+    page.run_cell(0)
+    panel = page.panel_cell("Live swarm")
+    buttons = page.cell(panel).locator(".widget-play button")
+    page.probe("startLive", "swarm_heat")
+    buttons.nth(0).click()  # play
+    time.sleep(seconds)
+    live = page.probe("stopLive")
+    buttons.nth(1).click()  # pause
+    page.wait_idle()
+    kernel = json.loads(page.run_cell(1))
+    newest, oldest = np.array(live["newest"]), np.array(live["oldest"])
+
+    def pct(a: np.ndarray, q: float) -> float:
+        return float(np.percentile(a, q)) if a.size else float("nan")
+
+    return {"members": members, "steps_per_round": steps, "min_interval_s": min_interval_s,
+            "seconds": live["seconds"], "fps": live["frames"] / live["seconds"], "updates": live["updates"],
+            "updates_per_s": live["updates"] / live["seconds"], "longest_frame_ms": live["longest_frame_ms"],
+            "age_p50_s": pct(newest, 50), "age_p95_s": pct(newest, 95), "age_max_s": pct(newest, 100),
+            "oldest_age_p95_s": pct(oldest, 95), "kernel": kernel}

@@ -77,6 +77,7 @@ window.akProbe = (() => {
 
   return {
     cellOf,
+    ink,
     // Per cell: index, type, execution count, error outputs, whether it shows widgets / bokeh,
     // and the text of any widget or bokeh rendering failure on the page.
     cells() {
