@@ -1,4 +1,5 @@
 """Panels driven headless through their widget attributes."""
+import json
 import math
 
 import pytest
@@ -105,3 +106,26 @@ def test_telemetry_panel_macro_level_shows_only_the_pooled_line():
     data = panel.plots["grad"].source.data
     assert all(math.isfinite(v) for v in data["*"])
     assert all(math.isnan(v) for v in data["0"])  # macro cannot show a layer
+
+
+def test_a_panel_shows_its_plots_as_they_are_when_displayed(monkeypatch):
+    """jupyter_bokeh sends changes only to existing views: what a panel draws before it is displayed
+    must still reach the page, so display re-sends every plot under the panel whole."""
+    import ipywidgets as w
+    from bokeh.plotting import figure
+    from jupyter_bokeh.widgets import BokehModel
+
+    from widgets import Panel, refresh_plots
+
+    fig = figure(title="before")
+    inner = BokehModel(fig)
+    fig.title.text = "after"  # drawn before display: no view exists to receive the patch
+    assert "after" not in json.dumps(inner.render_bundle) and "before" in json.dumps(inner.render_bundle)
+
+    panel = Panel()
+    panel.widget = w.VBox([w.HTML("x"), w.Tab(children=[w.VBox([inner])])])
+    shown = []
+    monkeypatch.setattr("IPython.display.display", shown.append)
+    panel._ipython_display_()
+    assert shown == [panel.widget] and "after" in json.dumps(inner.render_bundle)
+    assert refresh_plots(w.HBox([inner, BokehModel(figure())])) == 2

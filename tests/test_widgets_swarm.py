@@ -78,6 +78,9 @@ def test_heatmap_and_nodes_hold_what_the_bus_carried(make):
     for m in METRICS:
         np.testing.assert_allclose(heat[m], hist[m].astype(float), equal_nan=True, err_msg=m)
     assert heat["status"] == hist["status"].tolist()
+    # each cell carries when its report was made (a browser measures data age with it)
+    np.testing.assert_allclose(heat["time"], panel.collector.frame("swarm")["time"])
+    assert panel.heat_source.name == "swarm_heat"
     last = hist[hist["round"] == hist["round"].max()].set_index("member").sort_index()
     np.testing.assert_allclose(panel.node_source.data["value"], last["val_acc"])
     lo, hi = hist["val_acc"].min(), hist["val_acc"].max()

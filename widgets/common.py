@@ -112,6 +112,41 @@ def _to_floats(cells: list[Any]) -> list[float]:
     return out
 
 
+def refresh_plots(widget: w.Widget) -> int:
+    """Re-send every bokeh plot under ``widget`` whole; returns how many.
+
+    jupyter_bokeh sends a change to a plot only to the views that exist; a change made before the
+    plot is first displayed (a panel drawing its first state in its constructor) would be lost and
+    the page would show the plot as it was when wrapped. Re-serialising at display time fixes that.
+    """
+    stack, n = [widget], 0
+    while stack:
+        x = stack.pop()
+        if isinstance(x, BokehModel):
+            x.update_from_model(x._model)  # jupyter_bokeh keeps the wrapped model only privately
+            n += 1
+        stack.extend(getattr(x, "children", ()))
+    return n
+
+
+def display_fresh(widget: w.Widget) -> None:
+    """Display ``widget`` with its plots as they are now (:func:`refresh_plots`, then ``display``):
+    the way to show a part of a panel a second time, further down a notebook."""
+    from IPython.display import display
+
+    refresh_plots(widget)
+    display(widget)
+
+
+class Panel:
+    """What every panel shares: ``widget`` (its layout), shown as it is now when the panel is displayed."""
+
+    widget: w.Widget
+
+    def _ipython_display_(self) -> None:
+        display_fresh(self.widget)
+
+
 def control_row(*children: w.Widget) -> w.HBox:
     """Controls side by side, wrapping when the page is narrow."""
     return w.HBox(list(children), layout=w.Layout(flex_flow="row wrap", grid_gap="8px"))

@@ -23,7 +23,7 @@ from adaptive_kit.federated import drift, meta, profile
 from adaptive_kit.federated.data import OrdinalData, Stream, drifting_stream, mixture
 from adaptive_kit.federated.partition import DataPartition, adaptive_partition, n_parts
 
-from .common import LivePlot, control_row, panel_layout
+from .common import LivePlot, Panel, control_row, panel_layout
 
 STEPS = (0, 1, 5)  # adaptation steps after which each client is evaluated
 BASELINE = "fedavg"
@@ -73,7 +73,7 @@ def method_mae_figure(summaries: Mapping[str, Mapping[str, float]], alone: float
     return fig
 
 
-class FederatedPanel:
+class FederatedPanel(Panel):
     """Partition, personalise, follow a drifting stream: three tabs over one data set.
 
     *Partition*: a scatter of two chosen features coloured by the adaptive partition and, beside
@@ -506,7 +506,3 @@ class FederatedPanel:
         self.window_fig.title.text = (f"batches {max(0, b + 1 - self.refit_batches)}–{b}: partition made at batch "
                                       f"{made} ({part.parts} parts)")
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)

@@ -34,7 +34,7 @@ from adaptive_kit.partition import (
 from adaptive_kit.partition.models import zoo
 from adaptive_kit.partition.simulate import SCHEDULES
 
-from .common import LivePlot, control_row, panel_layout
+from .common import LivePlot, Panel, control_row, panel_layout
 
 OURS = "ours"
 METIS = "METIS (repaired)"
@@ -419,7 +419,7 @@ class LiveLoads:
 
 # --- the panel ----------------------------------------------------------------------------------------
 
-class PartitionPanel:
+class PartitionPanel(Panel):
     """Plan a model's pipeline, compare it with the anchors, and watch the controller adapt.
 
     Controls: the model (zoo names), stages k, the schedule and micro-batches of the Gantt chart,
@@ -701,7 +701,3 @@ class PartitionPanel:
                              "× lower bound": {m: v / bound for m, v in b.items()},
                              "× ours": {m: v / b[OURS] for m, v in b.items()}}).rename_axis("method")
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)

@@ -18,7 +18,7 @@ from jupyter_bokeh.widgets import BokehModel
 from adaptive_kit import speculative as sp
 from adaptive_kit.training import TrainConfig
 
-from .common import LivePlot, control_row, panel_layout
+from .common import LivePlot, Panel, control_row, panel_layout
 
 METHODS = ("ours", "DDP", "local SGD")  # the panel's three runs, in the order they train
 COLORS = dict(zip(METHODS, Category10_10))  # the same colour for a method in every plot
@@ -205,7 +205,7 @@ def tagged_outputs(result: sp.RunResult) -> tuple[int, int]:
     return tagged - recomputed, recomputed
 
 
-class SpeculativePanel:
+class SpeculativePanel(Panel):
     """Train ours live, then DDP and local SGD on the same task, and compare bytes and time.
 
     Controls: workers K, the reconcile, divergence and variance thresholds, the sync period
@@ -425,7 +425,3 @@ class SpeculativePanel:
         self.table.value = (f"<b>target</b>: test loss ≤ {self.target():.3f} ({TARGET_RATIO}× DDP's final); "
                             f"one compute time per step for every run<br>" + shown.to_html(border=0))
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)

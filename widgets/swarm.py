@@ -26,7 +26,7 @@ from jupyter_bokeh.widgets import BokehModel
 from adaptive_kit.swarm import Collector, Goals, Swarm
 from adaptive_kit.swarm.optimiser import ALLOCATIONS, PERTURB_MODES
 
-from .common import control_row, panel_layout
+from .common import Panel, control_row, panel_layout
 
 METRICS = ("val_acc", "val_loss", "loss_mean", "fitness", "lr", "compute_s", "cpu_percent", "rss_bytes", "steps")
 TRAJECTORY_STATS = ("norm", "mean", "std")  # columns of the bus's ``stats`` stream a trajectory can show
@@ -116,7 +116,7 @@ def lineage_figure(lineage: pd.DataFrame, members: int, rounds: int, *,
     return fig
 
 
-class SwarmPanel:
+class SwarmPanel(Panel):
     """A live dashboard over a running :class:`~adaptive_kit.swarm.Swarm`, steering it between rounds.
 
     Views: the members as a graph whose edges join members at least ``threshold`` similar (the
@@ -767,7 +767,3 @@ class SwarmPanel:
             text += f"<br><span style='color:{ALARM_COLOR}'>{html.escape(self._problem)}</span>"
         self.status.value = text
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)

@@ -9,12 +9,12 @@ import ipywidgets as w
 from adaptive_kit.telemetry import FAULT_KINDS, KINDS, LEVELS, Fault, RulePolicy, Telemetry
 from adaptive_kit.telemetry.episodes import EpisodeSpec, Run, build_model, run
 
-from .common import LivePlot, control_row, panel_layout
+from .common import LivePlot, Panel, control_row, panel_layout
 
 STATS = ("norm", "std", "mean", "min", "max", "zero_frac", "nonfinite")
 
 
-class TelemetryPanel:
+class TelemetryPanel(Panel):
     """Pick a level per data kind (or the rule policy), inject a fault, run, and watch.
 
     Per-layer plots show the chosen statistic of every layer the current level can see: at
@@ -133,7 +133,3 @@ class TelemetryPanel:
         self.alarm_box.value = ("<b>alarms</b><table><tr><th>step</th><th>detector</th><th>kind</th>"
                                 f"<th>layer</th><th>level</th><th>evidence</th></tr>{rows}</table>")
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)

@@ -10,10 +10,10 @@ import adaptive_kit as ak
 from adaptive_kit.datasets import Split
 from adaptive_kit.training import TrainConfig, TrainResult, train_classifier
 
-from .common import LivePlot, panel_layout
+from .common import LivePlot, Panel, panel_layout
 
 
-class TourPanel:
+class TourPanel(Panel):
     """Learning rate, batch size and steps controls, a Train button and a live loss plot.
 
     ``make_model`` builds a fresh model for every run, seeded by ``seed``; the last run's
@@ -69,7 +69,3 @@ class TourPanel:
                   f"test accuracy={self.result.test_accuracy:.3f}")
         return self.result
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)

@@ -258,8 +258,9 @@ from widgets.swarm import SwarmPanel
 
 setup_notebook()
 torch.set_num_threads(1)  # the browser gets the other core
+{preamble}
 swarm = Swarm(ak.datasets.digits(), SwarmConfig(members={members}, steps_per_round={steps}, seed=0))
-panel = SwarmPanel(swarm, min_interval_s={min_interval_s})
+panel = {panel}(swarm, min_interval_s={min_interval_s})
 panel
 """
 DASHBOARD_REPORT = """\
@@ -270,24 +271,28 @@ import numpy as np
 bus = swarm.collector.report(swarm.sent)
 print(json.dumps({"rounds": swarm.round, "ticks": panel.ticks, "dropped_ticks": panel.dropped_ticks,
                   "redraws": panel.redraws, "redraw_ms_median": float(np.median(panel.redraw_s)) * 1e3,
-                  "reports": int(bus["received"].sum()), "lost": int(bus["lost"].sum()), "gaps": int(bus["gaps"].sum())}))
+                  "reports": int(bus["received"].sum()), "lost": int(bus["lost"].sum()),
+                  "gaps": int(bus["gaps"].sum())}))
 """
 
 
 def measure_swarm_dashboard(page: LabPage, *, seconds: float = 60, members: int = 64, steps: int = 5,
-                            min_interval_s: float = 0.35) -> dict[str, Any]:
-    """Play a ``members``-member swarm on its dashboard for ``seconds`` in the browser and measure, in the
-    page, frames per second and the age of the data each update shows (frame time - the newest and
-    the oldest report's ``time``); the kernel's own counters come back under ``kernel``."""
+                            min_interval_s: float = 0.35, panel: str = "SwarmPanel",
+                            preamble: str = "") -> dict[str, Any]:
+    """Play a ``members``-member swarm on its dashboard (``panel``, a SwarmPanel or a subclass that
+    ``preamble`` defines) for ``seconds`` from the browser's Play button and measure in the page the
+    frames per second and the age of the data each update shows (frame time - the newest and the
+    oldest report's ``time``); the kernel's own counters come back under ``kernel``."""
     import numpy as np
 
-    name = f"swarm_dashboard_{members}_{min_interval_s:g}.ipynb"
-    write_notebook(page.lab.root / name, [DASHBOARD.format(members=members, steps=steps,
-                                                           min_interval_s=min_interval_s), DASHBOARD_REPORT])
+    name = f"dashboard_{panel}_{members}_{min_interval_s:g}.ipynb"
+    code = DASHBOARD.format(members=members, steps=steps, min_interval_s=min_interval_s, panel=panel,
+                            preamble=preamble)
+    write_notebook(page.lab.root / name, [code, DASHBOARD_REPORT])
     page.open(name)
     page.run_cell(0)
-    panel = page.panel_cell("Live swarm")
-    buttons = page.cell(panel).locator(".widget-play button")
+    cell = page.cell(page.panel_cell("Live swarm"))
+    buttons = cell.locator(".widget-play button")
     page.probe("startLive", "swarm_heat")
     buttons.nth(0).click()  # play
     time.sleep(seconds)
@@ -300,7 +305,7 @@ def measure_swarm_dashboard(page: LabPage, *, seconds: float = 60, members: int 
     def pct(a: np.ndarray, q: float) -> float:
         return float(np.percentile(a, q)) if a.size else float("nan")
 
-    return {"members": members, "steps_per_round": steps, "min_interval_s": min_interval_s,
+    return {"panel": panel, "members": members, "steps_per_round": steps, "min_interval_s": min_interval_s,
             "seconds": live["seconds"], "fps": live["frames"] / live["seconds"], "updates": live["updates"],
             "updates_per_s": live["updates"] / live["seconds"], "longest_frame_ms": live["longest_frame_ms"],
             "age_p50_s": pct(newest, 50), "age_p95_s": pct(newest, 95), "age_max_s": pct(newest, 100),

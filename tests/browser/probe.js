@@ -73,6 +73,17 @@ window.akProbe = (() => {
     return { hash: (h >>> 0).toString(16), rows };
   };
 
+  // Per figure of a document: its title and how many rows its glyphs draw (graphs: nodes and edges).
+  const figureRows = (doc) => [...doc.all_models].filter((m) => m.type === "Figure").map((f) => {
+    let rows = 0;
+    for (const r of f.renderers) {
+      const sources = r.node_renderer ? [r.node_renderer.data_source, r.edge_renderer.data_source]
+        : (r.data_source ? [r.data_source] : []);
+      for (const s of sources) rows += s.get_length() || 0;
+    }
+    return { title: f.title ? String(f.title.text ?? f.title) : "", rows };
+  });
+
   const roots = (cell) => [...window.Bokeh.index].filter((v) => cell === undefined || cellOf(v.el) === cell);
 
   return {
@@ -110,6 +121,7 @@ window.akProbe = (() => {
     plots(cell) {
       if (!window.Bokeh) return [];
       return roots(cell).map((v) => ({ cell: cellOf(v.el), type: v.model.type, figures: figures(v),
+                                       data: v.model.document ? figureRows(v.model.document) : [],
                                        visible: v.el.getBoundingClientRect().width > 0 }));
     },
     // A hash of the data behind every plot in the cell (all cells when undefined).

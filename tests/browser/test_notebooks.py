@@ -8,6 +8,7 @@ import pytest
 from harness import NOTEBOOKS, LabPage
 
 pytestmark = pytest.mark.timeout(900)
+WAITS_FOR_INPUT = ("tap a node",)  # titles of figures that stay empty until the user picks something
 
 Step = Callable[[LabPage, object], None]
 
@@ -82,6 +83,9 @@ def test_notebook_runs_renders_and_responds(lab_page, artifacts, case):
         for f in p["figures"]:
             assert f["ink"] > 0.002 and f["colours"] >= 3, f"cell {p['cell']}: a blank {p['type']} canvas: {f}"
 
+        # what the browser holds, not what the kernel holds: a plot drawn before display must arrive
+        empty = [f["title"] for f in p["data"] if f["rows"] == 0 and not f["title"].endswith(WAITS_FOR_INPUT)]
+        assert not empty, f"cell {p['cell']}: figures with no data on the page: {empty}"
     assert any(p["cell"] == panel for p in plots), "the panel shows no plot"
     before = page.signature(panel)
     assert before["rows"] > 0, "the panel's plots hold no data"
