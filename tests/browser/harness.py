@@ -200,7 +200,7 @@ class LabPage:
         return self.probe("cells")
 
     def plots(self, cell: int | None = None) -> list[dict[str, Any]]:
-        return self.probe("plots", cell) if cell is not None else self.probe("plots")
+        return self.probe("plots", cell)
 
     def signature(self, cell: int) -> dict[str, Any]:
         return self.probe("signature", cell)
@@ -233,7 +233,6 @@ class LabPage:
         """The viewport, scrolled to ``cell`` when given."""
         path.parent.mkdir(parents=True, exist_ok=True)
         if cell is not None:
-            self.cell(cell).scroll_into_view_if_needed()
             self.cell(cell).evaluate("(el) => el.scrollIntoView({block: 'start'})")
             time.sleep(0.3)
         self.page.screenshot(path=str(path))

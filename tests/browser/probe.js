@@ -84,7 +84,7 @@ window.akProbe = (() => {
     return { title: f.title ? String(f.title.text ?? f.title) : "", rows };
   });
 
-  const roots = (cell) => [...window.Bokeh.index].filter((v) => cell === undefined || cellOf(v.el) === cell);
+  const roots = (cell) => [...window.Bokeh.index].filter((v) => cell == null || cellOf(v.el) === cell);
 
   return {
     cellOf,
@@ -99,7 +99,6 @@ window.akProbe = (() => {
         return {
           index,
           type: m.type,
-          source: m.sharedModel.getSource().slice(0, 120),
           executionCount: m.type === "code" ? m.executionCount : null,
           errors: outputs.filter((o) => o.output_type === "error").map((o) => `${o.ename}: ${o.evalue}`),
           widgets: outputs.some((o) => o.data && o.data["application/vnd.jupyter.widget-view+json"]),
@@ -117,14 +116,14 @@ window.akProbe = (() => {
       cells().forEach((c, i) => c.node.setAttribute("data-ak-cell", String(i)));
       return cells().length;
     },
-    // Per bokeh root (of one cell, or all): its cell, model type and its figures' ink.
+    // Per bokeh root (of one cell, or all when null): its cell, model type and its figures' ink.
     plots(cell) {
       if (!window.Bokeh) return [];
       return roots(cell).map((v) => ({ cell: cellOf(v.el), type: v.model.type, figures: figures(v),
                                        data: v.model.document ? figureRows(v.model.document) : [],
                                        visible: v.el.getBoundingClientRect().width > 0 }));
     },
-    // A hash of the data behind every plot in the cell (all cells when undefined).
+    // A hash of the data behind every plot in the cell (all cells when null).
     signature(cell) {
       if (!window.Bokeh) return { hash: "", rows: 0 };
       return hashSources(new Set(roots(cell).map((v) => v.model.document)));
