@@ -165,16 +165,16 @@ class LabPage:
                            " await w.context.ready; await w.sessionContext.ready; app.shell.collapseLeft(); }")
         self.wait_idle(timeout_s)
 
-    def run_all(self, timeout_s: float = 600) -> bool:
-        """Run every cell (the Run All command) and wait until the last one finished; True when no
-        cell failed."""
+    def run_all(self, timeout_s: float = 600) -> dict[str, Any]:
+        """Run every cell (the Run All command) and wait until the last one finished; returns
+        ``{"ok": True}`` when no cell failed, else ``ok`` false and the ``error`` JupyterLab gave."""
         self.page.evaluate("() => { window.__akRun = null; window.jupyterapp.commands"
                            ".execute('notebook:run-all-cells').then((ok) => window.__akRun = {ok},"
                            " (e) => window.__akRun = {ok: false, error: String(e)}); }")
         self.page.wait_for_function("() => window.__akRun", timeout=timeout_s * 1000, polling=250)
         self.wait_idle(timeout_s)
         self.probe("markCells")
-        return bool(self.page.evaluate("() => window.__akRun.ok"))
+        return self.page.evaluate("() => window.__akRun")
 
     def wait_idle(self, timeout_s: float = 120) -> None:
         """Wait until the kernel is idle (stays idle for half a second)."""

@@ -67,7 +67,7 @@ def test_notebook_runs_renders_and_responds(lab_page, artifacts, case):
     ran = page.run_all()
     code = [c for c in page.cells() if c["type"] == "code"]
     errors = {c["index"]: c["errors"] for c in code if c["errors"]}
-    assert ran and not errors, f"Run All stopped at an error: {errors}\n{page.lab.tail(1500)}"
+    assert ran["ok"] and not errors, f"Run All stopped: {ran}, error outputs {errors}\n{page.lab.tail(1500)}"
     assert code and all(c["executionCount"] for c in code), "a cell did not run"
     assert not {c["index"]: c["renderFailures"] for c in code if c["renderFailures"]}
 
