@@ -3,7 +3,12 @@
 The worker function has the signature ``fn(rank, world_size, *args)`` and finds the process
 group initialised. :func:`launch` spawns the workers itself (from a notebook or a script);
 :func:`run` does the same, or, under ``torchrun``, runs this process's rank only. A worker
-that raises, dies or hangs ends the whole run with a :class:`WorkerError` naming its rank.
+that raises, dies or hangs ends the whole run with a :class:`WorkerError` naming its rank:
+every worker sends a heartbeat saying where its main thread is and whether it waits inside a
+collective, so at the deadline a rank stuck in its own code (or silent) is named, and ranks
+that only wait for it in a collective are not blamed. The rendezvous store lives in the
+launcher, bound to loopback (or to ``MASTER_ADDR`` when set), and gloo's sockets bind to the
+interface of that address: nothing listens on other interfaces.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import queue
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -53,8 +59,72 @@ def worker_device() -> torch.device:
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((bind_address(), 0))
         return s.getsockname()[1]
+
+
+def bind_address() -> str:
+    """Where the kit's sockets listen: ``MASTER_ADDR`` when set, else loopback (127.0.0.1)."""
+    return os.environ.get("MASTER_ADDR") or "127.0.0.1"
+
+
+def _interface_of(address: str) -> str | None:
+    """The network interface that holds ``address`` (e.g. ``lo`` for 127.0.0.1), if any."""
+    import psutil
+
+    try:
+        ip = socket.gethostbyname(address)
+    except OSError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == ip for a in addrs):
+            return name
+    return None
+
+
+def _listen_store(address: str, world_size: int, timeout_s: float) -> tuple[Any, int]:
+    """A TCPStore served from this process on a socket bound to ``address`` only (not all interfaces)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((address, 0))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"MASTER_ADDR={address!r}: cannot listen there ({e}); use a local address "
+                         "such as 127.0.0.1") from None
+    sock.listen(max(128, world_size))
+    port = sock.getsockname()[1]
+    fd = sock.detach()  # the store owns the socket from here and closes it
+    store = dist.TCPStore(address, port, world_size, True, timedelta(seconds=timeout_s),
+                          wait_for_workers=False, master_listen_fd=fd)
+    return store, port
+
+
+def _where(frame: Any) -> tuple[str, bool]:
+    """Where a thread is ('fn (file:line)' of the innermost frame outside torch) and whether it is
+    inside a torch.distributed call (a collective, a barrier, the rendezvous)."""
+    inside, own = False, None
+    f = frame
+    while f is not None:
+        name = f.f_code.co_filename.replace(os.sep, "/")
+        if "/torch/distributed/" in name:
+            inside = True
+        elif own is None and "/torch/" not in name and "/multiprocessing/" not in name \
+                and not name.endswith("adaptive_kit/distributed.py"):
+            own = f"{f.f_code.co_name} ({name.rsplit('/', 1)[-1]}:{f.f_lineno})"
+        f = f.f_back
+    return own or "the launcher's entry", inside
+
+
+def _heartbeat(rank: int, results: Any, main: int, stop: threading.Event, every_s: float) -> None:
+    """Send (rank, "beat", (where, in_collective)) every ``every_s``: the launcher's view of the rank."""
+    while not stop.wait(every_s):
+        frame = sys._current_frames().get(main)
+        if frame is None:
+            return
+        try:
+            results.put((rank, "beat", _where(frame)))
+        except (ValueError, OSError):  # the queue is closed: the run is over
+            return
 
 
 def _check(world_size: int, backend: str | None, timeout_s: float) -> str:
@@ -70,22 +140,34 @@ def _check(world_size: int, backend: str | None, timeout_s: float) -> str:
     return backend
 
 
-def _init(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
+def _init(backend: str, rank: int, world_size: int, timeout_s: float, store: Any = None) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    dist.init_process_group(backend, rank=rank, world_size=world_size,
+    dist.init_process_group(backend, rank=rank, world_size=world_size, store=store,
                             timeout=timedelta(seconds=timeout_s))
 
 
+_BEAT_S = 0.5  # seconds between a worker's heartbeats
+
+
 def _entry(rank: int, world_size: int, port: int, backend: str, fn: Callable[..., Any],
-           args: Sequence[Any], results: Any, timeout_s: float, threads: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+           args: Sequence[Any], results: Any, timeout_s: float, threads: int,
+           address: str = "127.0.0.1") -> None:
+    os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
+    iface = _interface_of(address)
+    if iface is not None:  # gloo and nccl listen on that interface only, not the hostname's
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
     torch.set_num_threads(threads)
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(rank, results, threading.get_ident(), stop, _BEAT_S),
+                     name=f"adaptive-kit-heartbeat-rank{rank}", daemon=True).start()
     code = 0
     try:
-        _init(backend, rank, world_size, timeout_s)
+        store = dist.TCPStore(address, port, world_size, False, timedelta(seconds=timeout_s))
+        _init(backend, rank, world_size, timeout_s, store)
         out = fn(rank, world_size, *args)
         # plain pickle: tensors travel by value, not as shared memory tied to this process
         results.put((rank, "ok", pickle.dumps(out)))
@@ -93,6 +175,7 @@ def _entry(rank: int, world_size: int, port: int, backend: str, fn: Callable[...
         results.put((rank, "error", "".join(traceback.format_exception(type(e), e, e.__traceback__))))
         code = 1
     finally:
+        stop.set()
         if dist.is_initialized() and code == 0:
             dist.destroy_process_group()
     results.close()
@@ -134,25 +217,46 @@ def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // world_size)
     ctx = mp.get_context(start_method)
     results = ctx.Queue()
-    port = _free_port()
+    address = bind_address()
+    store, port = _listen_store(address, world_size, timeout_s)
     procs = [ctx.Process(target=_entry, name=f"adaptive-kit-rank{r}", daemon=True,
-                         args=(r, world_size, port, backend, fn, tuple(args), results, timeout_s, threads))
+                         args=(r, world_size, port, backend, fn, tuple(args), results, timeout_s, threads,
+                               address))
              for r in range(world_size)]
     for p in procs:
         p.start()
     done: dict[int, Any] = {}
     errors: dict[int, str] = {}
-    deadline = time.monotonic() + timeout_s
+    beats: dict[int, tuple[float, str, bool]] = {}  # rank -> (received at, where, in a collective)
+    started = time.monotonic()
+    deadline = started + timeout_s
 
     def take(block_s: float) -> None:
-        try:
-            rank, status, payload = results.get(timeout=block_s)
-        except queue.Empty:
+        while True:
+            try:
+                rank, status, payload = results.get(timeout=block_s)
+            except queue.Empty:
+                return
+            if status == "beat":
+                beats[rank] = (time.monotonic(), *payload)
+                block_s = 0.001  # drain the beats, then look at the processes again
+                continue
+            if status == "ok":
+                done[rank] = pickle.loads(payload)
+            else:
+                errors[rank] = payload
             return
-        if status == "ok":
-            done[rank] = pickle.loads(payload)
-        else:
-            errors[rank] = payload
+
+    def stuck(ranks: list[int]) -> tuple[list[int], dict[int, str]]:
+        """Of ``ranks`` (alive, no result): those stuck outside a collective or silent, and why."""
+        now, why = time.monotonic(), {}
+        for r in ranks:
+            seen, where, inside = beats.get(r, (started, "its start", False))
+            if now - seen > max(4 * _BEAT_S, 2.0):
+                why[r] = f"no heartbeat for {now - seen:.1f} s (last at {where})"
+            elif not inside:
+                why[r] = f"busy in its own code at {where}, not in a collective"
+        return sorted(why), why
 
     try:
         while len(done) + len(errors) < world_size and not errors:
@@ -169,7 +273,17 @@ def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
                         errors[r] = f"rank {r} died without a result ({why})"
             if time.monotonic() > deadline and len(done) + len(errors) < world_size:
                 waiting = [r for r in range(world_size) if r not in done and r not in errors]
-                raise WorkerError(waiting[0], f"timed out after {timeout_s:g} s waiting for ranks {waiting}")
+                hung, why = stuck(waiting)
+                blamed = hung or waiting
+                others = [r for r in waiting if r not in hung]
+                msg = (f"timed out after {timeout_s:g} s waiting for ranks {waiting}: "
+                       + "; ".join(f"rank {r} hung ({why[r]})" for r in hung))
+                if hung and others:
+                    msg += f"; ranks {others} were waiting for it in a collective"
+                elif not hung:
+                    msg += "every one waiting in a collective (" + "; ".join(
+                        f"rank {r} at {beats[r][1]}" for r in waiting if r in beats) + ")"
+                raise WorkerError(blamed[0], msg)
         if errors:
             time.sleep(0.2)  # let peers that saw the failure report theirs, for the message
             while True:
@@ -182,6 +296,12 @@ def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
             order = {r: i for i, r in enumerate(errors)}
             first = min(errors, key=lambda r: ("died without" not in errors[r], order[r]))
             others = sorted(set(errors) - {first})
+            alive = [r for r in range(world_size) if r not in done and r not in errors]
+            hung, why = stuck(alive)
+            if hung and all("/torch/distributed/" in errors[r].replace(os.sep, "/") for r in errors):
+                # the failures are collectives timing out: the rank they waited for is to blame
+                raise WorkerError(hung[0], f"worker rank {hung[0]} hung ({why[hung[0]]}); ranks "
+                                  f"{sorted(errors)} failed waiting for it:\n{errors[first]}")
             msg = f"worker rank {first} failed:\n{errors[first]}"
             if others:
                 msg += f"\n(ranks {others} failed after it)"
@@ -196,6 +316,7 @@ def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
                 p.kill()
                 p.join()
         results.close()
+        del store  # closes its listening socket
     return [done[r] for r in range(world_size)]
 
 

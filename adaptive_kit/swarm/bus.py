@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import zmq
 
-from ..records import Received, ZmqPullSource, ZmqPushSink, register_schema
+from ..records import DrainResult, Received, ZmqPullSource, ZmqPushSink, register_schema
 
 SWARM_SCHEMA = pa.schema([
     ("time", pa.float64()),  # time.time() when the report was made: one clock for every process
@@ -89,9 +91,15 @@ class Collector:
         self.source = ZmqPullSource(self.address)
         self.address = self.source.address
 
-    def sink(self, producer: str | None = None) -> ZmqPushSink:
+    def sink(self, producer: str | None = None, heartbeat_s: float | None = None) -> ZmqPushSink:
         """A PUSH sink connected to this collector (same context, so in-process addresses work)."""
-        return ZmqPushSink(self.address, producer=producer, context=zmq.Context.instance())
+        return ZmqPushSink(self.address, producer=producer, context=zmq.Context.instance(),
+                           heartbeat_s=heartbeat_s)
+
+    def expect(self, producers: Sequence[str]) -> None:
+        """Name the producers (sinks) this collector waits for: one that never reports, or stops
+        without closing, is named by :meth:`drain` and :meth:`producers`."""
+        self.source.expect(producers)
 
     def poll(self, timeout_ms: int = 0) -> list[Received]:
         """Take what has arrived; return it (also kept in :attr:`tables`)."""
@@ -118,9 +126,25 @@ class Collector:
                 t.duplicates += 1
             t.next_seq = max(t.next_seq, s + 1)
 
-    def drain(self, producers: int, timeout_s: float = 30.0) -> None:
-        """Receive until ``producers`` sinks have closed (sent their end message) or time runs out."""
-        self._keep(self.source.drain(producers, timeout_s))
+    def drain(self, producers: int | Sequence[str], timeout_s: float = 30.0,
+              stale_s: float | None = None) -> DrainResult:
+        """Receive until ``producers`` sinks (a count or their names) have closed or time runs out.
+
+        Returns:
+            what arrived, with ``missing`` naming the producers that did not close (and
+            ``silent`` those quiet for ``stale_s``); see :meth:`ZmqPullSource.drain`.
+        """
+        got = self.source.drain(producers, timeout_s, stale_s)
+        self._keep(got)
+        if got.missing:
+            warnings.warn(f"Collector({self.address}): producers {got.missing} did not close their "
+                          f"stream (silent: {got.silent}); their last reports may be missing", stacklevel=2)
+        return got
+
+    def producers(self) -> pd.DataFrame:
+        """Per producer (sink): received, sent, lost, missing / corrupt / duplicated batch numbers,
+        ended, and seconds since its last message (:meth:`ZmqPullSource.report`)."""
+        return self.source.report()
 
     def frame(self, stream: str = "swarm") -> pd.DataFrame:
         """Everything received on ``stream`` as a DataFrame (empty with the schema's columns if nothing)."""

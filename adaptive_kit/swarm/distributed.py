@@ -18,7 +18,7 @@ from .spec import MemberSpec
 def _worker(rank: int, world: int, data: Split, config: SwarmConfig, specs: Sequence[MemberSpec] | None,
             rounds: int, address: str, device: str) -> dict[str, Any]:
     dev = worker_device() if device == "auto" else torch.device(device)
-    sink = ZmqPushSink(address, producer=f"swarm-rank{rank}")
+    sink = ZmqPushSink(address, producer=f"swarm-rank{rank}", heartbeat_s=1.0)
     swarm = Swarm(data, config, specs=specs, device=dev, sink=sink, rank=rank, world=world)
     try:
         swarm.run(rounds, progress=False)
@@ -58,6 +58,7 @@ def train_distributed(data: Split, config: SwarmConfig, rounds: int, world_size:
     if device not in ("cpu", "auto"):
         raise ValueError(f"train_distributed(device={device!r}): expected 'cpu' or 'auto' (one GPU per rank)")
     collector = collector or Collector("tcp://127.0.0.1:*")
+    collector.expect([f"swarm-rank{r}" for r in range(world_size)])
     data = Split(*(t.cpu() for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
     out: dict[str, Any] = {}
 
@@ -78,7 +79,7 @@ def train_distributed(data: Split, config: SwarmConfig, rounds: int, world_size:
     thread.join()
     if "error" in out:
         raise out["error"]
-    collector.drain(world_size, timeout_s=10.0)
+    collector.drain([f"swarm-rank{r}" for r in range(world_size)], timeout_s=10.0, stale_s=5.0)
     if on_poll is not None:
         on_poll(collector)
     return _gather(data, config, out["states"]), collector
