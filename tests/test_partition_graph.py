@@ -61,8 +61,14 @@ def test_untraceable_model_names_the_operation_and_falls_back():
     with pytest.raises(TraceError, match="forward") as info:
         model_graph(Branching(), torch.randn(2, 4))
     assert "control flow" in str(info.value) and "fallback=True" in str(info.value)
-    g = model_graph(Branching(), torch.randn(2, 4), fallback=True, reps=0)
+    # this input runs a -> b: planned as that chain, with a warning that other inputs may branch
+    with pytest.warns(UserWarning, match=r"module level \(a -> b\).*data-dependent"):
+        g = model_graph(Branching(), torch.ones(2, 4), fallback=True, reps=0)
     assert g.graph["granularity"] == "module" and list(g.edges) == [("a", "b")]
+    # this input runs a only: the chain a -> b would be a wrong graph, so it is refused
+    with pytest.raises(TraceError, match=r"refuses to plan Branching as the chain a -> b: forward "
+                                         r"called \['a'\] of the children \['a', 'b'\]"):
+        model_graph(Branching(), -torch.ones(2, 4), fallback=True, reps=0)
 
 
 def test_on_a_chain_the_graph_plan_is_the_chain_optimum():

@@ -281,13 +281,16 @@ class Branching(nn.Module):  # control flow on a tensor value: fx cannot trace i
 
 
 def test_plan_model_falls_back_to_module_level():
-    x = torch.randn(8, 4)
+    x = torch.ones(8, 4)  # takes the branch a -> b
     with pytest.raises(TraceError):
         plan_model(Branching(), x, k=2, reps=1)
-    mp = plan_model(Branching(), x, k=2, reps=1, fallback=True)
+    with pytest.warns(UserWarning, match="data-dependent"):
+        mp = plan_model(Branching(), x, k=2, reps=1, fallback=True)
     assert mp.graph.graph["granularity"] == "module"
     assert mp.plan.stage_of == {"a": 0, "b": 1} and mp.splits == {}
     assert isinstance(mp.gm, Branching)
+    with pytest.raises(TraceError, match=r"forward called \['a'\]"):  # a only: not the chain a -> b
+        plan_model(Branching(), -x, k=2, reps=1, fallback=True)
 
 
 def test_plan_model_with_a_dominant_linear_of_few_outputs(monkeypatch):

@@ -10,6 +10,7 @@ order, as a chain.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,9 +114,10 @@ def model_graph(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor
     device = args[0].device if args and isinstance(args[0], torch.Tensor) else torch.device("cpu")
     try:
         gm = trace(model)
-    except TraceError:
+    except TraceError as e:
         if not fallback:
             raise
+        _check_chain(model, args, e)
         return _module_chain(model, args, reps, device)
     ShapeProp(gm).propagate(*args)
     g = nx.DiGraph(granularity="operation")
@@ -154,6 +156,51 @@ def model_graph(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor
     if g.number_of_nodes() == 0:
         raise ValueError(f"{type(model).__name__}: the trace has no operation between inputs and output")
     return g
+
+
+def _check_chain(model: nn.Module, args: tuple, cause: TraceError) -> None:
+    """Refuse the module-level chain unless a real forward runs the children as that chain.
+
+    The forward is run once with hooks: every top-level child must be called exactly once, in
+    the order they are registered, each on the previous child's output, and the model must
+    return the last child's output. A branch (``a`` *or* ``b``), a skipped, repeated or
+    reordered child, or a residual path is refused; a forward that matches is planned with a
+    warning, since a data-dependent branch may take another path on other inputs.
+
+    Raises:
+        TraceError: naming the children called, the children expected, and where fx failed.
+    """
+    children = list(model.named_children())
+    calls: list[tuple[str, tuple, Any]] = []
+    hooks = [child.register_forward_hook(lambda m, i, o, _n=name: calls.append((_n, i, o)))
+             for name, child in children]
+    try:
+        with torch.no_grad():
+            out = model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    names = [n for n, _ in children]
+    called = [n for n, _, _ in calls]
+    why = None
+    if called != names:
+        why = f"forward called {called} of the children {names}"
+    else:
+        for (prev, _, o), (name, i, _) in zip(calls, calls[1:]):
+            if not (len(i) == 1 and i[0] is o):
+                why = f"{name!r} does not take {prev!r}'s output as its only input"
+                break
+        else:
+            if calls and out is not calls[-1][2]:
+                why = f"the model's output is not {names[-1]!r}'s output"
+    where = cause.operation
+    if why is not None:
+        raise TraceError(where, RuntimeError(
+            f"fallback=True refuses to plan {type(model).__name__} as the chain {' -> '.join(names)}: "
+            f"{why} (data-dependent control flow?)")) from cause
+    warnings.warn(f"plan of {type(model).__name__} at module level ({' -> '.join(names)}): torch.fx "
+                  f"failed at {where}; this input ran the children as that chain, but a data-dependent "
+                  "branch there may take another path on other inputs", UserWarning, stacklevel=4)
 
 
 def _module_chain(model: nn.Module, args: tuple, reps: int, device: torch.device) -> nx.DiGraph:

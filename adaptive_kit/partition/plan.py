@@ -94,12 +94,41 @@ def partition_graph(g: nx.DiGraph, k: int, speeds: Sequence[float] | None = None
             partitioner rejects ``k`` / ``speeds`` / ``bandwidth``.
     """
     _check(g, cost)
+    check_speeds(speeds, k, "partition_graph", bandwidth)
     best = None
     for order in _orders(g):
         plan = _cut(g, order, k, speeds, bandwidth, cost)
         if best is None or plan.bottleneck_s < best.bottleneck_s * (1 - 1e-12):
             best = plan
     return best
+
+
+def check_speeds(speeds: Sequence[float] | None, k: int, where: str = "plan",
+                 bandwidth: float | None = None) -> np.ndarray:
+    """``speeds`` as a (k,) array (all ones for None), checked: one finite speed > 0 per device.
+
+    Raises:
+        ValueError: naming ``where``, the field and the value (a speed of 0, -1, NaN or inf, a
+            wrong count, a bandwidth that is not > 0).
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"{where}: k={k!r} must be an int >= 1")
+    try:
+        s = np.ones(k) if speeds is None else np.asarray(speeds, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: speeds must be {k} numbers, got {speeds!r}") from None
+    if s.shape != (k,):
+        raise ValueError(f"{where}: speeds must have one entry per device (k={k}), got {np.asarray(speeds).tolist()!r}")
+    if not np.all(np.isfinite(s)) or (s <= 0).any():
+        raise ValueError(f"{where}: speeds must be finite and > 0, got {s.tolist()}")
+    if bandwidth is not None:
+        try:
+            ok = float(bandwidth) > 0  # inf is free communication; NaN, 0 and negatives are errors
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{where}: bandwidth must be > 0 bytes/s (inf: free), got {bandwidth!r}")
+    return s
 
 
 def _check(g: nx.DiGraph, cost: str) -> None:
@@ -159,7 +188,7 @@ def refine(g: nx.DiGraph, plan: GraphPlan, speeds: Sequence[float] | None = None
     stops when none helps. Communication is not re-priced (use it for bandwidth=inf plans).
     """
     k = len(plan.stage_s)
-    s = np.ones(k) if speeds is None else np.asarray(speeds, dtype=float)
+    s = check_speeds(speeds, k, "refine")
     stage_of = dict(plan.stage_of)
     cost_of = {v: float(g.nodes[v][cost]) for v in g.nodes}
     loads = _stage_loads(g, stage_of, k, cost, s)
@@ -200,6 +229,7 @@ def best_plan(g: nx.DiGraph, k: int, speeds: Sequence[float] | None = None,
     With a finite ``bandwidth`` the plans are not refined (refine does not re-price traffic).
     """
     _check(g, cost)
+    check_speeds(speeds, k, "best_plan", bandwidth)
     orders = _orders(g)
     if g.number_of_nodes() <= small:
         orders += _random_orders(g, tries, seed)
@@ -240,10 +270,15 @@ def milp_bound(g: nx.DiGraph, k: int, speeds: Sequence[float] | None = None, cos
 
     nodes = list(g.nodes)
     n = len(nodes)
+    _check(g, cost)
+    s = check_speeds(speeds, k, "milp_bound")
     if not 1 <= k <= n:
-        raise ValueError(f"k={k} must be in [1, {n}] (the node count)")
-    s = np.ones(k) if speeds is None else np.asarray(speeds, dtype=float)
+        raise ValueError(f"milp_bound: k={k} must be in [1, {n}] (the node count)")
+    if not (isinstance(time_limit, (int, float)) and time_limit > 0):
+        raise ValueError(f"milp_bound: time_limit must be > 0 seconds, got {time_limit!r}")
     c = np.array([g.nodes[v][cost] for v in nodes], dtype=float)
+    if not np.all(np.isfinite(c)) or (c < 0).any():
+        raise ValueError(f"milp_bound: node {cost!r} must be finite and >= 0, got {c[~(np.isfinite(c) & (c >= 0))][:3].tolist()}")
     scale = c.sum() / s.min() or 1.0  # solve in units of the total: HiGHS misjudges 1e8-size rows
     c = c / scale
     idx = {v: i for i, v in enumerate(nodes)}
