@@ -2,7 +2,8 @@
 
 Each node carries ``flops`` (torch.utils.flop_counter, forward + backward), ``param_bytes``,
 ``grad_bytes`` (= param bytes), ``act_bytes`` (its output), and ``time_s`` (measured forward +
-backward on the target device, median of ``reps``); each edge carries ``bytes``, the tensor it
+backward on the target device: ``reps`` rounds over all nodes after a warm-up round, the median
+of each node's lower half, so interference cannot make a small operation look large); each edge carries ``bytes``, the tensor it
 moves. A model that torch.fx cannot trace raises :class:`TraceError` naming the failing
 operation, or, with ``fallback=True``, is described at module level: its top-level children in
 order, as a chain.
@@ -49,8 +50,21 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def _measure(fn, args: tuple, kwargs: dict, reps: int, device: torch.device) -> tuple[float, float, Any]:
-    """(flops, median seconds) of forward + backward of ``fn(*args)``, and its output."""
+def robust_seconds(samples: Sequence[float]) -> float:
+    """A time from repeated measurements that noise cannot inflate: the median of the lower half.
+
+    Interference (another process, a page fault, the GC) only ever adds time, so the upper
+    samples are the noisy ones; the lower half's median is stable where the plain median moves
+    once half the samples are disturbed, and less optimistic than the minimum.
+    """
+    t = np.sort(np.asarray(samples, dtype=float))
+    if t.size == 0:
+        return 0.0
+    return float(np.median(t[: (t.size + 1) // 2]))
+
+
+def _runner(fn, args: tuple, kwargs: dict):
+    """A closure running forward + backward of ``fn(*args)``; returns its output."""
     def once() -> Any:
         leaves = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
                   for a in args]
@@ -59,19 +73,43 @@ def _measure(fn, args: tuple, kwargs: dict, reps: int, device: torch.device) -> 
         if outs:
             torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
         return out
+    return once
 
+
+def _time(once, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    once()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _measure(fn, args: tuple, kwargs: dict, reps: int, device: torch.device) -> tuple[float, float, Any]:
+    """(flops, robust seconds) of forward + backward of ``fn(*args)``, and its output."""
+    once = _runner(fn, args, kwargs)
     with FlopCounterMode(display=False) as counter:
         out = once()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+    times = [_time(once, device) for _ in range(reps)]
+    return float(counter.get_total_flops()), robust_seconds(times), out
+
+
+def _node_times(g: nx.DiGraph, runners: dict[str, Any], reps: int, device: torch.device) -> dict[str, float]:
+    """Time every node once per round, ``reps`` rounds after a warm-up round; robust per node.
+
+    Interleaving the nodes spreads a burst of interference over one round of many nodes
+    instead of every repetition of one node (which then looked like a dominant operation).
+    """
+    if reps <= 0:
+        return dict.fromkeys(runners, 0.0)
+    for once in runners.values():  # warm-up: allocator, caches, lazy initialisation
         once()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return float(counter.get_total_flops()), float(np.median(times)) if times else 0.0, out
+    samples: dict[str, list[float]] = {v: [] for v in runners}
+    for _ in range(reps):
+        for v, once in runners.items():
+            samples[v].append(_time(once, device))
+    return {v: robust_seconds(t) for v, t in samples.items()}
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -122,6 +160,7 @@ def model_graph(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor
     ShapeProp(gm).propagate(*args)
     g = nx.DiGraph(granularity="operation")
     env: dict[str, Any] = {}
+    runners: dict[str, Any] = {}  # node -> its forward + backward, timed in interleaved rounds
     inputs = iter(args)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -146,15 +185,17 @@ def model_graph(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor
             fn = lambda obj, *a, _m=node.target, **k: getattr(obj, _m)(*a, **k)  # noqa: E731
         else:
             fn = node.target
-        flops, seconds, out = _measure(fn, tuple(nargs), dict(nkwargs), reps, device)
+        flops, _, out = _measure(fn, tuple(nargs), dict(nkwargs), 0, device)
+        runners[node.name] = _runner(fn, tuple(nargs), dict(nkwargs))
         env[node.name] = out.detach() if isinstance(out, torch.Tensor) else out
-        g.add_node(node.name, op=node.op, target=str(node.target), flops=flops, time_s=seconds,
+        g.add_node(node.name, op=node.op, target=str(node.target), flops=flops, time_s=0.0,
                    param_bytes=params, grad_bytes=params, act_bytes=_bytes(out))
         for src in node.all_input_nodes:
             if src.name in g:
                 g.add_edge(src.name, node.name, bytes=_bytes(env[src.name]))
     if g.number_of_nodes() == 0:
         raise ValueError(f"{type(model).__name__}: the trace has no operation between inputs and output")
+    nx.set_node_attributes(g, _node_times(g, runners, reps, device), "time_s")
     return g
 
 

@@ -343,13 +343,23 @@ class ModelPlan:
 
 def plan_model(model, example, k: int, speeds: Sequence[float] | None = None,
                bandwidth: float = float("inf"), *, split: bool = True, reps: int = 5,
-               fallback: bool = False) -> ModelPlan:
+               fallback: bool = False, grid: float = 0.1) -> ModelPlan:
     """Trace, measure, calibrate, split dominant Linears and partition a model in one call.
 
     Node costs (``cost_s``) are the calibrated :class:`~adaptive_kit.partition.profile.CostModel`'s,
     which smooths per-operation timing noise, except for nodes measured well above the
-    per-operation overhead, which keep their measured time. A Linear costing more than a fair
+    per-operation overhead and more than 2x off the model's estimate (a mispriced operation, not
+    noise), which keep their measured time. A Linear costing more than a fair
     share (total / k) is split into column shards when that lowers the bottleneck.
+
+    Timings are robust (interleaved rounds, lower-half medians, an outlier-rejecting fit), and
+    the costs the planner sees are snapped to a geometric ``grid`` (relative step, 0 = off), so
+    the plan does not move with timing noise smaller than the step: the same model on the same
+    machine gets the same plan run after run. ``fallback=True`` plans an untraceable model at
+    module level only when its forward runs the children as a chain (see :func:`model_graph`).
+
+    Raises:
+        ValueError: invalid ``speeds``, ``bandwidth`` or ``grid``.
     """
     from .graph import model_graph, trace
     from .profile import CostModel, profile_batch
@@ -361,19 +371,34 @@ def plan_model(model, example, k: int, speeds: Sequence[float] | None = None,
         if not fallback:
             raise
         gm = model
+    check_speeds(speeds, k, "plan_model", bandwidth)
+    if not (isinstance(grid, (int, float)) and 0 <= grid < 1):
+        raise ValueError(f"plan_model: grid must be a relative step in [0, 1), got {grid!r}")
     g = model_graph(gm, example, reps=reps, fallback=fallback)
     cm = CostModel.fit(g, profile_batch(example))
-    cm.annotate(g)
+    snap(cm.annotate(g, disagree=2.0), grid)
     plan = best_plan(g, k, speeds, bandwidth, "cost_s")
     splits: dict[str, int] = {}
     if split and g.graph.get("granularity") == "operation":
         for node, parts in dominant_linears(gm, g, k, "cost_s").items():
             gm2 = split_linear(gm, node, parts)
-            g2 = cm.annotate(model_graph(gm2, example, reps=reps))  # the join is measured too
+            g2 = snap(cm.annotate(model_graph(gm2, example, reps=reps), disagree=2.0), grid)  # the join is measured too
             plan2 = best_plan(g2, k, speeds, bandwidth, "cost_s")
             if plan2.bottleneck_s < plan.bottleneck_s:
                 gm, g, plan, splits[node] = gm2, g2, plan2, parts
     return ModelPlan(gm, g, plan, cm, splits)
+
+
+def snap(g: nx.DiGraph, grid: float, key: str = "cost_s") -> nx.DiGraph:
+    """Round each node's ``key`` to the nearest point of a geometric grid of relative step ``grid``
+    (values 1 + grid apart; 0 leaves them as they are); returns ``g``."""
+    if grid > 0:
+        step = np.log1p(grid)
+        for _, d in g.nodes(data=True):
+            c = float(d.get(key, 0.0))
+            if c > 0:
+                d[key] = float(np.exp(np.round(np.log(c) / step) * step))
+    return g
 
 
 def stage_graph(g: nx.DiGraph, stage_of: dict[str, int]) -> nx.DiGraph:

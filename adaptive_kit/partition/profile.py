@@ -69,6 +69,32 @@ def profile_batch(batch: torch.Tensor | Sequence[torch.Tensor], pad_id: int | No
 _FEATURES = ("flops", "act_bytes", "param_bytes")
 
 
+def _robust_nnls(x: np.ndarray, y: np.ndarray, rounds: int = 3, cut: float = 3.0) -> np.ndarray:
+    """Non-negative least squares in relative error, refitted without outliers.
+
+    Each measured node weighs by 1 / its time, so a hundred small operations are fitted as well
+    as the few large ones; after each fit, nodes whose log ratio of measured to predicted time is
+    more than ``cut`` robust deviations (MAD) from the median are left out and the fit repeated:
+    one disturbed timing cannot pull the coefficients (and so every node's cost) with it.
+    """
+    keep = y > 0
+    scale = np.maximum(x.max(axis=0), 1e-30)
+    coef = np.zeros(x.shape[1])
+    for _ in range(rounds):
+        w = 1.0 / y[keep]
+        sol, _ = nnls((x[keep] / scale) * w[:, None], y[keep] * w)
+        coef = sol / scale
+        pred = np.maximum(x @ coef, 1e-12)
+        r = np.log(np.maximum(y, 1e-12) / pred)
+        med = np.median(r[y > 0])
+        mad = 1.4826 * np.median(np.abs(r[y > 0] - med)) + 1e-3
+        new = (y > 0) & (np.abs(r - med) <= cut * mad)
+        if new.sum() < x.shape[1] or (new == keep).all():
+            break
+        keep = new
+    return coef
+
+
 @dataclass(frozen=True)
 class CostModel:
     """seconds = overhead + flops / flop_rate + activation bytes / act_rate + parameter bytes / param_rate.
@@ -95,9 +121,7 @@ class CostModel:
         if not (y > 0).any():
             raise ValueError(f"CostModel.fit: no node has a measured {measured!r} > 0 (profile with reps > 0)")
         x = np.array([[1.0, *(float(d.get(f, 0.0)) for f in _FEATURES)] for _, d in g.nodes(data=True)])
-        scale = np.maximum(x.max(axis=0), 1e-30)
-        coef, _ = nnls(x / scale, y)
-        coef = coef / scale
+        coef = _robust_nnls(x, y)
         pred = x @ coef
         r2 = 1 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-300))
         ref = reference.work if isinstance(reference, BatchProfile) else float(reference)
@@ -106,13 +130,17 @@ class CostModel:
         return cls(*(float(c) for c in coef), reference=ref, r2=r2)
 
     def predict(self, g: nx.DiGraph, batch: BatchProfile | float | None = None,
-                measured: str | None = None, trust: float = 5.0) -> dict[str, float]:
+                measured: str | None = None, trust: float = 5.0,
+                disagree: float | None = None) -> dict[str, float]:
         """Seconds per node for a batch (default: the reference batch).
 
         With ``measured`` (e.g. "time_s"), a node whose measured time exceeds ``trust`` x the
         per-operation overhead keeps its measurement, scaled to the batch like the model's
         estimate: the model smooths the small, noisy operations, and a large one is priced by
-        what it was seen to take (a concatenation moves many bytes yet costs little).
+        what it was seen to take (a concatenation moves many bytes yet costs little). With
+        ``disagree`` (e.g. 2), such a node keeps its measurement only when it differs from the
+        model's estimate by more than that factor either way: a mispriced operation, not noise,
+        so the costs (and the plans made from them) do not move with timing noise.
         """
         work = self.reference if batch is None else (batch.work if isinstance(batch, BatchProfile) else float(batch))
         ratio = work / self.reference
@@ -121,17 +149,18 @@ class CostModel:
             scaled = self.s_per_flop * d.get("flops", 0.0) + self.s_per_act_byte * d.get("act_bytes", 0.0)
             fixed = self.overhead_s + self.s_per_param_byte * d.get("param_bytes", 0.0)
             seen = d.get(measured, 0.0) if measured else 0.0
-            if seen > trust * self.overhead_s:
-                at_ref = fixed + scaled
+            at_ref = fixed + scaled
+            mispriced = disagree is None or not (at_ref / disagree <= seen <= at_ref * disagree)
+            if seen > trust * self.overhead_s and mispriced:
                 out[v] = seen * (fixed + ratio * scaled) / at_ref if at_ref > 0 else seen
             else:
                 out[v] = fixed + ratio * scaled
         return out
 
     def annotate(self, g: nx.DiGraph, batch: BatchProfile | float | None = None, key: str = "cost_s",
-                 measured: str | None = "time_s") -> nx.DiGraph:
+                 measured: str | None = "time_s", disagree: float | None = None) -> nx.DiGraph:
         """Write :meth:`predict` (measured nodes trusted) into each node's ``key``; returns ``g``."""
-        nx.set_node_attributes(g, self.predict(g, batch, measured), key)
+        nx.set_node_attributes(g, self.predict(g, batch, measured, disagree=disagree), key)
         return g
 
     def stage_seconds(self, g: nx.DiGraph, stage_of: Mapping[str, int], k: int,
