@@ -1,9 +1,11 @@
 """Speculative training against DDP, local SGD, post-local SGD and DiLoCo: loss, bytes, time to target.
 
 Every method runs in the one harness of ``adaptive_kit.speculative`` (K = 8 workers simulated in
-one process with vectorised kernels, every collective logged with its bytes), on two non-IID
-tasks: the bundled digits MLP with Dirichlet(0.1) label shards, and a tiny causal transformer on
-seeded Markov token sequences whose workers mix 4 chains with Dirichlet(0.1) weights.
+one process with vectorised kernels, every collective logged with its bytes), on three non-IID
+tasks: the bundled digits MLP with Dirichlet(0.1) label shards, a tiny causal transformer on
+seeded Markov token sequences whose workers mix 4 chains with Dirichlet(0.1) weights, and a
+regression (an MLP fitting a random teacher network under MSE, each worker drawing its inputs
+from 4 clusters with Dirichlet(0.1) weights; its only metric is the loss).
 
 Tuning, equal effort. All methods share the inner optimiser (SGD + momentum, the learning rate
 and batch chosen for DDP in a pilot) and each gets the same number of configurations:
@@ -11,9 +13,9 @@ and batch chosen for DDP in a pilot) and each gets the same number of configurat
   ddp          none to tune (one configuration: the reference)
   local_sgd    period P in {4, 8, 16, 32}              (periodic model averaging)
   post_local   period P in {4, 8, 16, 32}, warm-up 10 % of the steps
-  diloco       period P in {4, 8, 16, 32}, outer Nesterov lr 0.7, momentum 0.9
-  ours         half of the 2^3 design period {16, 64} x reconcile_threshold {0.25, 1.0} x
-               initial_p {0.5, 1.0} (I = ABC); everything else at SpecConfig's defaults
+  diloco       period P in {4, 16} x outer Nesterov lr {0.3, 0.7}, momentum 0.9
+  ours         base period {8, 16} x the network the Region Manager plans for {lan, wan};
+               everything else at SpecConfig's defaults
 
 Selection rule, applied to every method on the tuning seed 0 (its own split, shards, initial
 weights and batches): among the configurations whose final test loss is <= 1.05x DDP's on that
@@ -31,13 +33,14 @@ DDP, measured wall-clock of the simulation, and for ours the rollback rate and t
 compute time per step: the median of the calibrations of all runs of the task (each run's own
 calibration swung by 2x or more on this shared 2-core VM, and would move the times with it).
 
-Targets of the issue, printed PASS / MISS per task for ours' chosen setting: (a) loss <= 1.05x
-DDP's with bytes <= 1/64 of DDP's; (b) at equal bytes, >= 15 % lower loss than the best of
-local SGD, post-local SGD and DiLoCo, each baseline's loss at ours' bytes read off its period
-sweep (mean over seeds) by linear interpolation in log(bytes), the sweep closed at the
-high-bytes end by DDP (averaging every step); beyond the sweep's cheap end the baseline is given
-its cheapest point's loss (flagged: that favours the baseline); (c) >= 1.5x faster simulated time
-to target than DDP on the WAN profile; (d) rollback rate < 10 %.
+Targets of the issue, printed PASS / MISS per task for ours' chosen setting: (a) at equal bytes
+>= 10 % lower loss than the best of local SGD, post-local SGD and DiLoCo (each baseline's loss at
+ours' bytes read off its sweep, mean over seeds, by linear interpolation in log(bytes), the
+sweep closed at the high-bytes end by DDP; beyond the sweep's cheap end its cheapest point,
+flagged: that favours the baseline), or at equal loss (ours' x 1.02) <= 0.6x the bytes the
+cheapest baseline needs; (b) loss <= 1.05x DDP's with bytes <= 1/16 of DDP's; (c) WAN simulated
+time to 1.05x DDP's loss >= 1.5x faster than DDP and >= 1.2x faster than the best baseline's
+chosen setting; (d) rollback rate < 10 %.
 
 Cross-check: digits with K = 4 (``--quick``: K = 2), DDP, local SGD (period 8) and ours' chosen
 digits setting, a short run each, simulated in one process and on real gloo processes
@@ -96,6 +99,7 @@ def task_specs(quick: bool) -> list[TaskSpec]:
     return [
         TaskSpec("digits", sp.digits_task, 0.1, 64, 150 if quick else 300, 10),
         TaskSpec("tinygpt", sp.sequence_task, 0.3, 32, 100 if quick else 250, 10),
+        TaskSpec("regression", sp.regression_task, 0.05, 32, 150 if quick else 300, 10),
     ]
 
 
@@ -110,16 +114,15 @@ def grid(steps: int, quick: bool) -> list[Candidate]:
     """Every configuration tried, the same count for every method but DDP."""
     periods = (8, 32) if quick else (4, 8, 16, 32)
     warm = max(1, steps // 10)
-    ours = [(16, 0.25, 0.5), (64, 1.0, 1.0)] if quick else [
-        (16, 0.25, 0.5), (16, 1.0, 1.0), (64, 0.25, 1.0), (64, 1.0, 0.5)]
+    # DiLoCo: the outer lr matters as much as the period (0.7 diverged at P = 4 on tinygpt)
+    outer = [(8, 0.3), (8, 0.7)] if quick else [(4, 0.3), (4, 0.7), (16, 0.3), (16, 0.7)]
+    # ours: the base period and the network the Region Manager plans for (LAN allows Global layers)
+    ours = [(8, "lan"), (8, "wan")] if quick else [(8, "lan"), (16, "lan"), (8, "wan"), (16, "wan")]
     out = [Candidate("ddp", "every step", sp.ddp())]
     out += [Candidate("local_sgd", f"P={p}", sp.local_sgd(p)) for p in periods]
     out += [Candidate("post_local", f"P={p} warm={warm}", sp.post_local_sgd(p, warm)) for p in periods]
-    out += [Candidate("diloco", f"P={p} olr=0.7 om=0.9", sp.diloco(p, 0.7, 0.9)) for p in periods]
-    out += [Candidate("ours", f"P={p} thr={thr:g} p0={p0:g}",
-                      sp.speculative(period=p, reconcile_threshold=thr,
-                                     manager=sp.ManagerConfig(initial_p=p0)))
-            for p, thr, p0 in ours]
+    out += [Candidate("diloco", f"P={p} olr={olr:g} om=0.9", sp.diloco(p, olr, 0.9)) for p, olr in outer]
+    out += [Candidate("ours", f"P={p} plan={net}", sp.speculative(period=p, network=net)) for p, net in ours]
     return out
 
 
@@ -283,8 +286,22 @@ def equal_bytes(configs: pd.DataFrame, chosen: dict[str, dict[str, str]]) -> pd.
                 note += f"; {', '.join(lost.config)} diverged, left out"
             rows.append({"task": task, "baseline": fam, "ours_bytes": ours["bytes"], "ours_loss": ours["loss"],
                          "baseline_loss_at_ours_bytes": at, "lower_loss_%": 100 * (1 - ours["loss"] / at),
+                         "x_bytes_at_equal_loss": ours["bytes"] / _bytes_at_loss(xs, ys, 1.02 * ours["loss"]),
                          "note": note})
     return pd.DataFrame(rows)
+
+
+def _bytes_at_loss(log_bytes: np.ndarray, losses: np.ndarray, target: float) -> float:
+    """Bytes at which a sweep (sorted by bytes) first gets to ``target``, interpolated in log(bytes);
+    inf if it never does, its cheapest point's bytes if that already does (favours the baseline)."""
+    hit = np.flatnonzero(losses <= target)
+    if not len(hit):
+        return math.inf
+    i = int(hit[0])
+    if i == 0:
+        return float(math.exp(log_bytes[0]))
+    f = (losses[i - 1] - target) / (losses[i - 1] - losses[i])
+    return float(math.exp(log_bytes[i - 1] + f * (log_bytes[i] - log_bytes[i - 1])))
 
 
 def looser(report: pd.DataFrame, chosen: dict[str, dict[str, str]], factors=(1.10, 1.25, 1.5)) -> pd.DataFrame:
@@ -317,16 +334,24 @@ def targets(table: pd.DataFrame, eq: pd.DataFrame) -> pd.DataFrame:
         o = table[(table.task == task) & (table.method == "ours")].iloc[0]
         e = eq[eq.task == task]
         best = e.loc[e["baseline_loss_at_ours_bytes"].idxmin()]
+        cheap = e["x_bytes_at_equal_loss"].max()  # ours' bytes / the best baseline's at ours' loss (x1.02)
+        rest = table[(table.task == task) & table.method.isin(BASELINES)]
+        best_wan = rest.loc[rest["x_wan"].idxmax()]
         rows += [
-            {"task": task, "target": "(a) loss <= 1.05x DDP with bytes <= 1/64 DDP",
+            {"task": task, "target": "(a) >= 10% lower loss at equal bytes, or <= 0.6x bytes at equal loss, "
+                                     "than the best baseline",
+             "value": f"{best['lower_loss_%']:+.1f}% vs {best.baseline} ({best.note}); "
+                      f"{cheap:.2f}x the bytes of the cheapest baseline at ours' loss",
+             "result": "PASS" if best["lower_loss_%"] >= 10 or cheap <= 0.6 else "MISS"},
+            {"task": task, "target": "(b) loss <= 1.05x DDP with bytes <= 1/16 DDP",
              "value": f"loss {o.x_loss:.3f}x, bytes 1/{o.x_bytes:.1f}",
-             "result": "PASS" if o.x_loss <= TARGET_X and o.x_bytes >= 64 else "MISS"},
-            {"task": task, "target": "(b) >= 15% lower loss at equal bytes than best baseline",
-             "value": f"{best['lower_loss_%']:+.1f}% vs {best.baseline} ({best.note})",
-             "result": "PASS" if best["lower_loss_%"] >= 15 else "MISS"},
-            {"task": task, "target": "(c) >= 1.5x faster to target on WAN than DDP",
-             "value": f"{o.x_wan:.2f}x ({o.hit_wan}/{o.seeds} seeds reach {TARGET_X}x DDP loss)",
-             "result": "PASS" if o.x_wan >= 1.5 and o.hit_wan == o.seeds else "MISS"},
+             "result": "PASS" if o.x_loss <= TARGET_X and o.x_bytes >= 16 else "MISS"},
+            {"task": task, "target": "(c) WAN time to 1.05x DDP's loss >= 1.5x faster than DDP, >= 1.2x than "
+                                     "the best baseline",
+             "value": f"{o.x_wan:.2f}x DDP ({o.hit_wan}/{o.seeds} seeds reach it); best baseline "
+                      f"{best_wan.method} {best_wan.x_wan:.2f}x DDP",
+             "result": "PASS" if (o.x_wan >= 1.5 and o.hit_wan == o.seeds
+                                  and o.x_wan >= 1.2 * best_wan.x_wan) else "MISS"},
             {"task": task, "target": "(d) rollback rate < 10%",
              "value": f"{100 * o.rollback_rate:.1f}%",
              "result": "PASS" if o.rollback_rate < 0.10 else "MISS"},

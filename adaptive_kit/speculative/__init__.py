@@ -7,16 +7,16 @@ weights and synchronise on their own schedule; reconciliation keeps or rolls bac
 from .baselines import ddp, diloco, local_sgd, post_local_sgd, speculative, torch_worker
 from .comm import Collective, DistComm, SimComm
 from .engine import Engine, SpecConfig, train, worker
-from .model import FlatModel, Task, cross_entropy, region_index
+from .model import FlatModel, Task, cross_entropy, mse, region_index
 from .network import PROFILES, NetworkProfile, ring_allreduce_s, simulated_time, traffic_frame
 from .regions import FULL, GLOBAL, HYBRID, ManagerConfig, RegionManager, RegionStats
-from .result import RunResult
-from .tasks import TinyGPT, digits_task, sequence_task
+from .result import NotReached, RunResult
+from .tasks import TinyGPT, digits_task, regression_task, sequence_task
 
 __all__ = [
     "FULL", "GLOBAL", "HYBRID", "PROFILES", "Collective", "DistComm", "Engine", "FlatModel",
-    "ManagerConfig", "NetworkProfile", "RegionManager", "RegionStats", "RunResult", "SimComm",
+    "ManagerConfig", "NetworkProfile", "NotReached", "RegionManager", "RegionStats", "RunResult", "SimComm",
     "SpecConfig", "Task", "TinyGPT", "cross_entropy", "ddp", "digits_task", "diloco", "local_sgd",
-    "post_local_sgd", "region_index", "ring_allreduce_s", "sequence_task", "simulated_time", "speculative",
+    "mse", "post_local_sgd", "regression_task", "region_index", "ring_allreduce_s", "sequence_task", "simulated_time", "speculative",
     "torch_worker", "traffic_frame", "train", "worker",
 ]

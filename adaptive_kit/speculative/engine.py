@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ..training import TrainConfig
 from .comm import SimComm, _Comm
 from .model import FlatModel, Task, region_index
+from .network import profile, ring_allreduce_s
 from .regions import ManagerConfig, RegionManager
 from .result import RunResult
 
@@ -46,9 +47,12 @@ class SpecConfig:
     manager: ManagerConfig = ManagerConfig()  # the Region Manager's thresholds
     adaptive: bool = True  # False: every region keeps manager.initial_p
     regions: str | Mapping[str, Sequence[str]] = "layer"  # "layer", "param" or {region: [param names]}
-    period: int = 32  # steps between weight averages of a region's speculative part, at start
-    adapt_period: bool = True  # AdaComm: the period falls with sqrt(loss / first loss) (not below 1)
-    reconcile_threshold: float = 0.25  # relative RMSE from the average at which a worker rolls back
+    period: int = 16  # base period: steps between weight averages (a Full region's is 1-max_period of these)
+    adapt_period: bool = False  # AdaComm: the base period falls with sqrt(loss / first loss) (not below 1)
+    reconcile_threshold: float = 2.5  # a worker rolls back when its distance from the average is this many
+    #                                   times the layer's usual RMS spread (its history per step, and today's)
+    network: str = "lan"  # the link the Region Manager plans for (a profile of .network.PROFILES)
+    step_compute_s: float = 2e-3  # compute per step it plans with: Global only where an all-reduce hides behind it
     speculate: bool = True  # compute ahead while the average is in flight; False: wait for it
     control_every: int = 8  # steps between control statistics (0: never, fixed schedules)
     warmup: int = 0  # steps with every region Global first (post-local SGD's warm-up)
@@ -69,6 +73,9 @@ class SpecConfig:
             raise ValueError(f"SpecConfig.outer_lr must be in (0, 2], got {self.outer_lr!r}")
         if not 0 <= self.outer_momentum < 1:
             raise ValueError(f"SpecConfig.outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
+        profile(self.network)
+        if not self.step_compute_s > 0:
+            raise ValueError(f"SpecConfig.step_compute_s must be > 0, got {self.step_compute_s!r}")
         if self.adaptive and self.control_every == 0:
             raise ValueError("SpecConfig: adaptive=True needs control_every >= 1")
         if isinstance(self.regions, str) and self.regions not in ("layer", "param"):
@@ -84,7 +91,7 @@ class Engine:
             raise ValueError(f"task has {task.workers} shards for {comm.world} workers")
         self.task, self.cfg, self.train, self.comm, self.device = task, config, train, comm, device
         torch.manual_seed(train.seed)  # same initial weights on every worker
-        self.model = FlatModel(task.build().to(device), task.loss)
+        self.model = FlatModel(task.build().to(device), task.loss, "accuracy" in task.metrics)
         self.K, self.W = comm.world, comm.local
         self.theta = self.model.flat().to(device).expand(self.W, -1).clone()  # (W, N)
         self.mom = torch.zeros_like(self.theta)
@@ -100,10 +107,15 @@ class Engine:
         m = config.sketch
         self.bucket = (self.region_of * m + torch.randint(0, m, (self.model.n,), generator=g).to(device))
         self.sign = (torch.randint(0, 2, (self.model.n,), generator=g).float() * 2 - 1).to(device)
-        self.manager = RegionManager(names, config.manager)
+        sizes = np.bincount(self.region_of.cpu().numpy(), minlength=self.R)
+        global_ok = ring_allreduce_s(4.0 * sizes, self.K, profile(config.network)) <= config.step_compute_s
+        self.manager = RegionManager(names, config.manager, global_ok)
         self.p = np.zeros(self.R) if config.warmup else self.manager.p.copy()
+        self.base_period = config.period
+        self.drift_stats = config.adaptive or config.speculate  # fixed schedules send no drift evidence
         self.period = np.full(self.R, config.period)
-        self.next_sync = np.full(self.R, config.warmup + 1)  # first average after the first step, as torch's averagers
+        self.force = np.zeros(self.R, dtype=bool)  # average at the next step whatever the schedule
+        self.last_sync = np.full(self.R, config.warmup - 1)  # step after which the region was last averaged
         self.anchor = self.theta[0].clone()  # last global weights (DiLoCo's outer optimiser)
         self.outer_buf = torch.zeros_like(self.anchor)
         self.pending: dict | None = None
@@ -133,7 +145,8 @@ class Engine:
             self.p = np.where(grow, new_p, self.p)
             self._masks()
         shrink = new_p < self.p
-        self.next_sync = np.where(shrink, step + 1, self.next_sync)
+        self.force |= shrink
+        self.period = self.base_period * self.manager.mult
 
     # -- data ------------------------------------------------------------------------------
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,13 +223,19 @@ class Engine:
         idx = torch.cat([self.sidx[r] for r in regions])
         seg = torch.cat([torch.full((len(self.sidx[r]),), i, device=self.device)
                          for i, r in enumerate(regions)])
-        payload = self.theta[:, idx] if ctrl is None else torch.cat([self.theta[:, idx], ctrl], 1)
-        n_ctrl = 0 if ctrl is None else ctrl.shape[1]
+        parts = [self.theta[:, idx]]
+        if self.drift_stats:  # each worker's squared update per region: the manager's drift evidence
+            parts.append(torch.zeros(self.W, len(regions), device=self.device).index_add_(
+                1, seg, (self.theta[:, idx] - self.anchor[idx]) ** 2))
+        payload = torch.cat(parts + ([] if ctrl is None else [ctrl]), 1)
+        n_ctrl = payload.shape[1] - len(idx)
         if ctrl is not None:
             self.ctrl_wanted = False
         self.pending = dict(regions=regions, idx=idx, seg=seg, step=step, payload=payload, n_ctrl=n_ctrl,
+                            steps=step - self.last_sync[regions],
                             handle=self._start(payload, step, "weights", n_ctrl, overlapped))
-        self.next_sync[regions] = step + 1 + self.period[regions]
+        self.last_sync[regions] = step
+        self.force[regions] = False
 
     def _reconcile(self, step: int, computed: bool) -> torch.Tensor:
         """Adopt the in-flight average; return (W,) rows whose speculative outputs must be redone."""
@@ -227,16 +246,31 @@ class Engine:
         mean_w = mean[0, :n]
         local = self.theta[:, idx]  # what this step computed with
         d2 = torch.zeros(self.W, nr, device=self.device).index_add_(1, seg, (local - mean_w) ** 2)
-        m2 = torch.zeros(nr, device=self.device).index_add_(0, seg, mean_w * mean_w).clamp_min(1e-30)
-        roll = ~((d2 / m2).sqrt() < self.cfg.reconcile_threshold)  # relative RMSE; NaN rolls back
+        # the layer's own scale: its workers' usual spread per step, from earlier averages (all-reduced,
+        # so every rank holds the same); none yet (NaN) rolls nobody back, unless the threshold is 0
+        kappa = self.cfg.reconcile_threshold
+        steps = torch.as_tensor(pend["steps"], dtype=torch.float32, device=self.device)
+        usual = torch.as_tensor(np.nan_to_num(self.manager.spread[regions], nan=np.inf if not self.drift_stats
+                                              else 0.0), dtype=torch.float32,
+                                device=self.device)
+        nu = nr if self.drift_stats else 0
+        u2 = mean[0, n: n + nu]  # mean over workers of |u_w|^2
+        prog = (torch.zeros(nr, device=self.device).index_add_(0, seg, (mean_w - self.anchor[idx]) ** 2)
+                if nu else u2)  # |mean u|^2, the averaged update
+        if nu:  # and today's spread: a worker rolls back only as an outlier against both
+            usual = torch.maximum(usual * steps, (u2 - prog).clamp_min(0))
+        roll = ~(d2 <= kappa * kappa * usual) if kappa > 0 else torch.ones_like(d2, dtype=torch.bool)
         redo = roll.any(1) if computed else torch.zeros(self.W, dtype=torch.bool, device=self.device)
         # outer step on the pseudo-gradient anchor - mean (lr 1, momentum 0: plain averaging)
         delta = self.anchor[idx] - mean_w
         self.outer_buf[idx] = self.cfg.outer_momentum * self.outer_buf[idx] + delta
         self.anchor[idx] -= self.cfg.outer_lr * (delta + self.cfg.outer_momentum * self.outer_buf[idx])
         self.theta[:, idx] = self.anchor[idx]
-        if pend["n_ctrl"]:
-            self._apply_control(mean[0, n:], step)
+        ev = torch.cat([(u2 - prog).clamp_min(0), prog, roll.sum(0).float()]).double().cpu().numpy()  # one host copy
+        if nu:
+            self.manager.observe_sync(regions, ev[:nu], ev[nu: 2 * nu], pend["steps"])
+        if pend["n_ctrl"] > nu:
+            self._apply_control(mean[0, n + nu:], step)
         target = self.p_target
         if target is not None and (target[regions] < self.p[regions]).any():
             self.p[regions] = np.minimum(self.p[regions], target[regions])
@@ -246,7 +280,7 @@ class Engine:
             # worker: left alone, the same averaged gradient would move them apart again
             self.mom[:, was & ~self.spec] = 0.0
         if computed:
-            self._last_rollbacks = int(roll.sum())  # the reconciliation's one host read
+            self._last_rollbacks = int(ev[2 * nu:].sum())
             self._last_reconciled = nr * self.W
         return redo
 
@@ -269,7 +303,8 @@ class Engine:
         if cfg.adapt_period and np.isfinite(stats.loss):  # AdaComm: sqrt(loss / first loss)
             self.loss0 = self.loss0 or max(stats.loss, 1e-12)
             scale = np.sqrt(max(stats.loss, 0.0) / self.loss0)
-            self.period[:] = int(np.clip(np.ceil(cfg.period * scale), 1, cfg.period))
+            self.base_period = int(np.clip(np.ceil(cfg.period * scale), 1, cfg.period))
+        self.period = self.base_period * self.manager.mult
 
     def step(self, t: int) -> dict:
         cfg = self.cfg
@@ -291,7 +326,9 @@ class Engine:
                 g = torch.where(redo[:, None], g2, g)
         if cfg.control_every and t % cfg.control_every == 0 and t >= cfg.warmup:
             self.ctrl_wanted = True  # rides on the next collective, so it adds no latency
-        due = (self.next_sync <= t + 1) & np.array([len(s) > 0 for s in self.sidx])
+        # every average starts on a multiple of its period (powers of two of the base): they nest
+        on_time = (t >= cfg.warmup) & ((t - cfg.warmup) % self.period == 0)
+        due = (on_time | self.force) & np.array([len(s) > 0 for s in self.sidx])
         ng = len(self.gidx)
         ctrl = self._control(loss, g) if self.ctrl_wanted and (ng or due.any()) else None
         if ng:

@@ -9,6 +9,12 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+METRICS = ("loss", "accuracy")  # what a task may declare; accuracy is the argmax's, for classification
+
+
+def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean squared error; predictions (B, 1) or (B,) against targets (B,)."""
+    return nn.functional.mse_loss(out.reshape(y.shape), y)
 
 
 def cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -25,6 +31,12 @@ class Task:
     shards: list[tuple[torch.Tensor, torch.Tensor]]  # (x, y) per worker
     test: tuple[torch.Tensor, torch.Tensor]
     loss: Loss = cross_entropy
+    metrics: tuple[str, ...] = ("loss", "accuracy")  # what evaluation reports; a regression: ("loss",)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or "loss" not in self.metrics:
+            raise ValueError(f"Task.metrics={self.metrics!r}: expected 'loss' and any of {METRICS}")
 
     @property
     def workers(self) -> int:
@@ -34,11 +46,11 @@ class Task:
 class FlatModel:
     """A module as one flat parameter vector; loss and gradient vectorised over workers."""
 
-    def __init__(self, module: nn.Module, loss: Loss) -> None:
+    def __init__(self, module: nn.Module, loss: Loss, accuracy: bool = True) -> None:
         if any(True for _ in module.buffers()):
             raise ValueError(f"{type(module).__name__} has buffers (BatchNorm?): workers would keep "
                              "diverging statistics; use LayerNorm or no normalisation")
-        self.module = module
+        self.module, self.accuracy = module, accuracy
         named = list(module.named_parameters())
         self.names = [n for n, _ in named]
         self.shapes = [p.shape for _, p in named]
@@ -64,9 +76,11 @@ class FlatModel:
 
     @torch.no_grad()
     def evaluate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        """Test loss and accuracy of one weight vector (N,)."""
-        out = functional_call(self.module, self.unflatten(theta), (x,))
+        """Test loss and accuracy of one weight vector (N,); accuracy NaN when the task has none."""
         loss = self._loss(theta, x, y)
+        if not self.accuracy:
+            return float(loss), float("nan")
+        out = functional_call(self.module, self.unflatten(theta), (x,))
         acc = (out.argmax(-1) == y).float().mean()
         return float(loss), float(acc)
 

@@ -52,8 +52,27 @@ class RunResult:
                               (self.history["recomputes"] > 0).to_numpy(), net)
 
     def time_to(self, target: float, net: str, compute_s: float | None = None) -> float:
-        """Simulated seconds until the test loss first reaches ``target`` (inf if never)."""
+        """Simulated seconds until the test loss first reaches ``target``; :class:`NotReached`
+        (a float equal to inf that says so and names the best loss) if it never does."""
         hit = self.evals[self.evals["test_loss"] <= target]
         if hit.empty:
-            return float("inf")
+            return NotReached(target, float(self.evals["test_loss"].min()))
         return float(self.simulated_time(net, compute_s)[int(hit["step"].iloc[0])])
+
+
+class NotReached(float):
+    """``time_to``'s answer when the target loss was never reached: inf in arithmetic and
+    comparisons, ``not reached`` when printed, with the target and the best loss of the run."""
+
+    def __new__(cls, target: float, best: float) -> NotReached:
+        out = super().__new__(cls, float("inf"))
+        out.target, out.best = target, best
+        return out
+
+    def __reduce__(self):
+        return NotReached, (self.target, self.best)
+
+    def __repr__(self) -> str:
+        return f"not reached (target {self.target:.4g}, best test loss {self.best:.4g})"
+
+    __str__ = __repr__

@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import datasets
 from ..training import mlp
-from .model import Task
+from .model import Task, mse
 
 
 def _check_sizes(fn: str, **sizes: int) -> None:
@@ -83,3 +83,36 @@ def sequence_task(workers: int = 8, alpha: float = 0.1, chains: int = 4, vocab: 
     test = torch.cat([pool[-n_test:] for pool in pools])
     build = functools.partial(TinyGPT, vocab, seq_len)
     return Task(f"tiny-gpt(alpha={alpha:g})", build, shards, (test[:, :-1], test[:, 1:]))
+
+
+def regression_task(workers: int = 8, alpha: float = 0.1, features: int = 8, clusters: int = 4,
+                    per_worker: int = 256, noise: float = 0.1, hidden: tuple[int, ...] = (64, 64),
+                    seed: int = 0) -> Task:
+    """Non-IID regression: inputs from ``clusters`` Gaussian clusters, each worker mixing them with
+    Dirichlet(``alpha``) weights (covariate shift), targets from a fixed random teacher network
+    plus noise; an MLP trained with mean squared error. Its only metric is the loss.
+
+    Raises:
+        ValueError: a size < 1, ``alpha`` <= 0 or ``noise`` < 0 (named in the message).
+    """
+    _check_sizes("regression_task", workers=workers, features=features, clusters=clusters,
+                 per_worker=per_worker)
+    if not alpha > 0:
+        raise ValueError(f"regression_task(alpha={alpha!r}): expected > 0")
+    if not noise >= 0:
+        raise ValueError(f"regression_task(noise={noise!r}): expected >= 0")
+    gen = torch.Generator().manual_seed(seed)
+    centres = 2.0 * torch.randn(clusters, features, generator=gen)
+    teacher = [torch.randn(features, 32, generator=gen) / features ** 0.5, torch.randn(32, generator=gen) / 32 ** 0.5]
+
+    def draw(counts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([centres[c] + torch.randn(int(n), features, generator=gen) for c, n in enumerate(counts)])
+        y = torch.tanh(x @ teacher[0]) @ teacher[1] * 2.0 + noise * torch.randn(len(x), generator=gen)
+        return x, y
+
+    rng = np.random.default_rng(seed)
+    shards = [draw(rng.multinomial(per_worker, rng.dirichlet(np.full(clusters, float(alpha)))))
+              for _ in range(workers)]
+    test = draw(np.full(clusters, 128))
+    build = functools.partial(mlp, (features, *hidden, 1))
+    return Task(f"regression(alpha={alpha:g})", build, shards, test, mse, ("loss",))
