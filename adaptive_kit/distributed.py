@@ -76,6 +76,8 @@ def _interface_of(address: str) -> str | None:
         ip = socket.gethostbyname(address)
     except OSError:
         return None
+    if ip.startswith("127."):
+        ip = "127.0.0.1"  # all of 127/8 is the loopback interface's
     for name, addrs in psutil.net_if_addrs().items():
         if any(a.family == socket.AF_INET and a.address == ip for a in addrs):
             return name

@@ -347,12 +347,14 @@ def _decode(head: bytes, data: bytes, start: int, end: int) -> tuple[pa.RecordBa
                    for k, v in (meta or {}).items()}
 
 
-def read_ipc_checked(path: str | os.PathLike) -> tuple[pa.Table, IntegrityReport]:
+def read_ipc_checked(path: str | os.PathLike, expected: int | None = None) -> tuple[pa.Table, IntegrityReport]:
     """Read an Arrow IPC stream file and verify it: the good batches and an :class:`IntegrityReport`.
 
     Every message is decoded on its own, so damage in one batch costs that batch only: after
     a part that does not decode, the reader resynchronises on the next message whose checksum
-    verifies. Batches come back in sequence order, each once.
+    verifies. Batches come back in sequence order, each once. ``expected`` is the writer's own
+    count (:attr:`Sink.seq`) when the caller has it: a file cut off before its trailer then
+    names its lost tail by number too (without it, the tail of a cut-off file is unknown).
 
     Raises:
         RecordsError: the file is missing, empty, or does not start with an Arrow IPC schema.
@@ -433,6 +435,10 @@ def read_ipc_checked(path: str | os.PathLike) -> tuple[pa.Table, IntegrityReport
             rep.expected = int(trailer.get("batches", ""))
         except ValueError:
             rep.problems.append("its trailer does not decode")
+    if expected is not None:
+        if rep.expected is not None and rep.expected != expected:
+            rep.problems.append(f"the trailer says {rep.expected} batches, the writer {expected}")
+        rep.expected = max(expected, rep.expected or 0)
     highest = max([*good, *rep.corrupt], default=-1) + 1
     known = rep.expected if rep.expected is not None else highest
     if rep.checked:
@@ -532,6 +538,7 @@ class ZmqPushSink(Sink):
         self.send_timeout_ms = send_timeout_ms
         self.dropped_seqs: list[int] = []
         self.reachable: bool | None = None  # unknown until the first send
+        self._outage = False
         self._lock = threading.Lock()
         self._last_send = time.monotonic()
         self._sock = (context or zmq.Context.instance()).socket(zmq.PUSH)
@@ -583,8 +590,13 @@ class ZmqPushSink(Sink):
                        f"({self.send_timeout_ms} ms; is a receiver listening?); {self.dropped} dropped so far")
                 if self.on_undelivered == "raise" and not quiet:
                     raise UndeliveredError(msg) from None
-                if self.on_undelivered == "warn" and not quiet:
-                    warnings.warn(msg, stacklevel=4)
+                # one warning when an outage starts (and a summary at close), not one per message
+                if self.on_undelivered == "warn" and not quiet and not self._outage:
+                    warnings.warn(msg + "; later drops are counted in .dropped / .dropped_seqs",
+                                  stacklevel=4)
+                self._outage = True
+            else:
+                self._outage = False
             finally:
                 self._last_send = time.monotonic()
         return sum(len(f) for f in frames)
@@ -607,7 +619,12 @@ class ZmqPushSink(Sink):
             self._beat.join()
         try:
             self.bytes += self._frames({"type": "end", "producer": self.producer, "sent": self.seq,
-                                        "dropped": self.dropped, "time": time.time()})
+                                        "dropped": self.dropped, "time": time.time()}, quiet=True)
+            if self.dropped and self.on_undelivered == "warn":
+                warnings.warn(f"ZmqPushSink({self.address}): {self.dropped} messages not delivered "
+                              f"(batches {_ranges(self.dropped_seqs)}"
+                              + (", and the end message" if self.dropped > len(self.dropped_seqs) else "")
+                              + f") of {self.seq} batches", stacklevel=2)
         finally:
             with self._lock:
                 self._sock.close()
@@ -644,7 +661,7 @@ class _Tally:
     def missing(self) -> list[int]:
         """Numbers not received whole: skipped ones, and the tail below what the producer says it sent."""
         top = max(self.next_seq, self.sent if self.sent is not None else self.beat_sent)
-        return sorted(self.holes | set(range(self.next_seq, top)))
+        return sorted((self.holes | set(range(self.next_seq, top))) - set(self.corrupt))
 
 
 class DrainResult(list):
