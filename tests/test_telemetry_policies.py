@@ -574,6 +574,10 @@ def test_trace_stats_and_observations_are_the_collector_s(clean_trace):
     got = {(o.kind, o.layer, o.level) for o in obs}
     assert got == {("grad", "2", "meso"), ("act", "1", "raw"), ("grad", "*", "macro"),
                    ("weight", "*", "macro"), ("act", "*", "macro")}
+    assert t.observe(7, levels, config) == obs  # the raw estimate comes from the cache the second time
+    sent = t.bytes_of(levels, config)
+    cached = len(t._cache["bytes"])
+    assert sent > 0 and t.bytes_of(dict(levels), config) == sent and len(t._cache["bytes"]) == cached
     pooled = next(o for o in obs if (o.kind, o.layer) == ("weight", "*"))
     idx = [i for i, k in enumerate(t.keys) if k in (("weight", "2"), ("weight", "4"))]  # "0" is off
     assert pooled.count == int(stats[7, idx, 0].sum()) and pooled.norm == pytest.approx(
