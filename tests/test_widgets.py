@@ -79,6 +79,7 @@ def test_telemetry_panel_runs_a_fault_and_redraws_on_a_new_statistic():
     from widgets.telemetry import TelemetryPanel
 
     panel = TelemetryPanel("mlp", steps=40)
+    panel.policy.value = "meso"
     panel.fault.value = "dead_relu"
     panel.fault_step.value = 20
     panel.run_button.click()
@@ -88,6 +89,8 @@ def test_telemetry_panel_runs_a_fault_and_redraws_on_a_new_statistic():
     assert any(a.detector == "dead_relu" and a.layer == "1" for a in run.suite.alarms)
     assert "dead_relu" in panel.alarm_box.value
     assert len(panel.bytes_plot.source.data["bytes"]) == 40
+    assert set(panel.level_map.levels_at(5).values()) == {"meso"}  # a static level, every layer
+    assert "act 1" in panel.level_map.alarms.data["row"]
     # a different statistic redraws the same run: the dead ReLU's zero fraction is 1 after the fault
     panel.stat.value = "zero_frac"
     zeros = panel.plots["act"].source.data["1"]
@@ -95,17 +98,82 @@ def test_telemetry_panel_runs_a_fault_and_redraws_on_a_new_statistic():
 
 
 def test_telemetry_panel_macro_level_shows_only_the_pooled_line():
-    import math
-
     from widgets.telemetry import TelemetryPanel
 
     panel = TelemetryPanel("mlp", steps=20)
-    for dd in panel.levels.values():
-        dd.value = "macro"
+    panel.policy.value = "macro"
+    assert panel.look_every.disabled  # the look period is the rule policy's
     panel.run_button.click()
     data = panel.plots["grad"].source.data
     assert all(math.isfinite(v) for v in data["*"])
     assert all(math.isnan(v) for v in data["0"])  # macro cannot show a layer
+    assert {lv for s in range(20) for lv in panel.level_map.levels_at(s).values()} == {"macro"}
+
+
+def test_telemetry_panel_rule_policy_looks_every_few_steps_and_finds_a_quiet_fault():
+    from widgets.telemetry import TelemetryPanel
+
+    panel = TelemetryPanel("mlp", steps=60)
+    assert panel.policy.value == "rule" and not panel.look_every.disabled
+    panel.look_every.value = 4
+    panel.fault.value = "layer_grad_vanish"
+    panel.fault_layer.value = "2"
+    panel.fault_step.value = 30
+    panel.run_button.click()
+    rows = panel.level_map.rows
+    assert rows[-1] == "loss" and {"grad 2", "weight 0", "act 3"} <= set(rows)
+    assert panel.level_map.fault_line.visible and panel.level_map.fault_line.location == 30
+    before = [set(panel.level_map.levels_at(s).values()) for s in range(30)]
+    looks = [s for s, lv in enumerate(before) if lv == {"meso"}]
+    assert looks[:2] == [0, 4] and len(looks) <= 10  # a meso look every 4 steps, macro between
+    assert all(lv <= {"macro", "meso"} for lv in before) and sum(lv == {"macro"} for lv in before) >= 18
+    found = [a for a in panel.result.suite.alarms if a.step >= 30 and a.kind == "grad" and a.layer == "2"]
+    assert found, panel.result.suite.alarms  # the quiet fault, found in its layer
+    assert "grad 2" in panel.level_map.alarms.data["row"]
+    assert "first alarm after the fault: vanishing_grad on grad 2" in panel.summary()
+    # macro data shows only the pooled line; the looks show every layer, as dots between gaps
+    grads = panel.plots["grad"].source.data
+    seen = [s for s, v in zip(grads["step"], grads["2"]) if math.isfinite(v)]
+    assert 0 in seen and 4 in seen and 1 not in seen
+
+
+def test_telemetry_panel_offers_every_fault_and_the_layers_it_can_break():
+    from torch import nn
+
+    from adaptive_kit.telemetry import FAULT_KINDS
+    from adaptive_kit.telemetry.episodes import Workload
+    from adaptive_kit.telemetry.faults import QUIET_KINDS
+    from widgets.telemetry import TelemetryPanel
+
+    wide = Workload("wide", lambda: nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10)))
+    panel = TelemetryPanel(wide, steps=20)
+    kinds = [v for _, v in panel.fault.options]
+    assert kinds == ["none", *FAULT_KINDS]
+    assert all(label.endswith("(quiet)") == (v in QUIET_KINDS) for label, v in panel.fault.options[1:])
+    assert [v for _, v in panel.policy.options] == ["macro", "meso", "micro", "raw", "rule"]
+    assert panel.fault_layer.disabled  # "none" breaks no layer
+    panel.fault.value = "dead_units"
+    assert list(panel.fault_layer.options) == ["(default)", "0", "2"] and not panel.fault_layer.disabled
+    panel.fault_layer.value = "2"
+    panel.fault.value = "lr_ramp"  # the optimiser's, not a layer's
+    assert panel.fault_layer.disabled and panel.fault_layer.value == "(default)"
+    assert panel.spec().fault.layer is None and panel.spec().workload is wide
+    assert panel.level_map.rows == ["grad 0", "grad 2", "weight 0", "weight 2", "act 0", "act 1", "act 2", "loss"]
+
+
+def test_cost_ladder_figure_puts_time_and_bytes_side_by_side():
+    import pandas as pd
+    from bokeh.models import LogAxis
+
+    from widgets.telemetry import cost_ladder_figure
+
+    ladder = pd.DataFrame({"x_step": [1.0, 1.1, 1.2, 1.3, 1.4], "bytes_per_step": [0, 1e3, 2e3, 1e4, 1e5]},
+                          index=["off", "macro", "meso", "micro", "raw"])
+    fig = cost_ladder_figure(ladder)
+    assert [f[0] for f in fig.x_range.factors] == [lv for lv in ladder.index for _ in range(2)]
+    assert any(isinstance(a, LogAxis) for a in fig.right)
+    tops = [r.data_source.data["top"] for r in fig.renderers]
+    assert list(tops[0]) == list(ladder["x_step"]) and max(tops[1]) == 1e5
 
 
 def test_a_panel_shows_its_plots_as_they_are_when_displayed(monkeypatch):
