@@ -69,15 +69,17 @@ class LevelMap:
         self.figure = figure(title="level per layer and step (marks: alarms)", width=width,
                              height=height or 60 + 18 * len(self.rows), x_axis_label="step",
                              y_range=FactorRange(*reversed(self.rows)), tools="pan,xwheel_zoom,reset,save")
-        legend = Legend(orientation="horizontal", location="top_left", items=[
-            LegendItem(label=lv, renderers=[self.figure.rect(
-                "step", "row", width=1, height=0.9, color=color, source=self.source,
-                view=CDSView(filter=GroupFilter(column_name="level", group=lv)))])
-            for lv, color in LEVEL_COLORS.items()])
-        self.figure.add_layout(legend, "above")
-        self.figure.scatter("step", "row", marker="marker", size=11, line_color="black", line_width=2,
-                            fill_color=None, source=self.alarms)
-        self.figure.add_tools(HoverTool(tooltips=[("step", "@step"), ("", "@row"), ("", "@level@detector")]))
+        cells = {lv: self.figure.rect("step", "row", width=1, height=0.9, color=color, source=self.source,
+                                      view=CDSView(filter=GroupFilter(column_name="level", group=lv)))
+                 for lv, color in LEVEL_COLORS.items()}  # one glyph per level: a fixed colour and legend
+        self.figure.add_layout(Legend(orientation="horizontal", location="top_left",
+                                      items=[LegendItem(label=lv, renderers=[r]) for lv, r in cells.items()]),
+                               "above")
+        marks = self.figure.scatter("step", "row", marker="marker", size=11, line_color="black", line_width=2,
+                                    fill_color=None, source=self.alarms)
+        self.figure.add_tools(
+            HoverTool(renderers=list(cells.values()), tooltips=[("step", "@step"), ("", "@row"), ("level", "@level")]),
+            HoverTool(renderers=[marks], tooltips=[("step", "@step"), ("", "@row"), ("alarm", "@detector")]))
         self.fault_line = Span(location=0, dimension="height", line_color="black", line_dash="dashed",
                                line_width=2, visible=False)
         self.figure.add_layout(self.fault_line)
