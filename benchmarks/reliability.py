@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
          "result": f"{int(faults['accounted'].sum())}/{len(faults)}", "met": bool(faults["accounted"].all())},
         {"target": "strict reads raise on every file fault",
          "result": ", ".join(faults["strict"].dropna()), "met": bool((faults["strict"].dropna() == "raises").all())},
-        {"target": "bus soak at 2x the claim: 0 lost", "result": f"{soak['records lost']} of {soak['events']:,}",
+        {"target": "bus soak at 2x the claim: 0 lost", "result": f"{soak['records lost']} of {int(soak['events']):,}",
          "met": soak["records lost"] == 0},
         {"target": "no socket beyond loopback, bad inputs raise, plans repeat",
          "result": f"{int(checks['met'].sum())}/{len(checks)}", "met": bool(checks["met"].all())},

@@ -26,9 +26,9 @@ from torch.utils.flop_counter import FlopCounterMode
 class TraceError(RuntimeError):
     """torch.fx could not trace the model; ``operation`` says where."""
 
-    def __init__(self, operation: str, cause: BaseException) -> None:
-        super().__init__(f"torch.fx cannot trace the model at {operation}: {cause}. "
-                         "Pass fallback=True to describe it at module level instead")
+    def __init__(self, operation: str, cause: BaseException,
+                 hint: str = "Pass fallback=True to describe it at module level instead") -> None:
+        super().__init__(f"torch.fx cannot trace the model at {operation}: {cause}. {hint}")
         self.operation = operation
 
 
@@ -238,7 +238,8 @@ def _check_chain(model: nn.Module, args: tuple, cause: TraceError) -> None:
     if why is not None:
         raise TraceError(where, RuntimeError(
             f"fallback=True refuses to plan {type(model).__name__} as the chain {' -> '.join(names)}: "
-            f"{why} (data-dependent control flow?)")) from cause
+            f"{why} (data-dependent control flow?)"),
+            hint="Make the branch traceable (torch.where, or torch.fx.wrap around it) to plan it") from cause
     warnings.warn(f"plan of {type(model).__name__} at module level ({' -> '.join(names)}): torch.fx "
                   f"failed at {where}; this input ran the children as that chain, but a data-dependent "
                   "branch there may take another path on other inputs", UserWarning, stacklevel=4)

@@ -391,13 +391,21 @@ def plan_model(model, example, k: int, speeds: Sequence[float] | None = None,
 
 def snap(g: nx.DiGraph, grid: float, key: str = "cost_s") -> nx.DiGraph:
     """Round each node's ``key`` to the nearest point of a geometric grid of relative step ``grid``
-    (values 1 + grid apart; 0 leaves them as they are); returns ``g``."""
+    (values 1 + grid apart; 0 leaves them as they are); returns ``g``.
+
+    The grid is laid relative to the median positive cost, so a machine that is uniformly
+    slower in one run (load) scales every cost alike and the snapped costs keep their ratios.
+    """
     if grid > 0:
+        pos = [float(d.get(key, 0.0)) for _, d in g.nodes(data=True) if float(d.get(key, 0.0)) > 0]
+        if not pos:
+            return g
+        unit = float(np.median(pos))
         step = np.log1p(grid)
         for _, d in g.nodes(data=True):
             c = float(d.get(key, 0.0))
             if c > 0:
-                d[key] = float(np.exp(np.round(np.log(c) / step) * step))
+                d[key] = unit * float(np.exp(np.round(np.log(c / unit) / step) * step))
     return g
 
 
