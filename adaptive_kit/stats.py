@@ -6,9 +6,11 @@ asynchronous copy (:class:`HostCopy`).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -186,6 +188,171 @@ def batched_stats(tensors: Sequence[TensorGroup] | Mapping[str, TensorGroup]) ->
     )
 
 
+SAMPLE = 4096  # entries of the evenly strided sample behind sampled statistics (see fast_stats)
+LARGE = 1 << 16  # entries above which torch.sum beats numpy's sum
+WELL_CONDITIONED = 1 / 16  # one-pass variance is kept while var >= this x mean square (see fast_stats)
+
+
+def _strided(flat: torch.Tensor, cap: int) -> torch.Tensor:
+    """Every ``ceil(n / cap)``-th entry of a 1-D tensor (a view; all of it when n <= cap)."""
+    n = flat.numel()
+    return flat[:: -(-n // cap)] if n > cap else flat
+
+
+def fast_stats(x: torch.Tensor, extrema: bool = True, sample: int = SAMPLE, moments: bool = True) -> list[float]:
+    """The :data:`STAT_NAMES` row of one CPU tensor from a few single-pass reductions.
+
+    On a CPU, reductions that write nothing (``sum``, ``dot``, ``aminmax``) run near memory
+    speed, while every element-wise temporary (masks, ``nan_to_num``, comparisons) costs a full
+    write and is several times dearer. So the row comes from ``sum``, ``dot(x, x)`` and
+    (``extrema``) ``aminmax`` over the whole tensor, plus an evenly strided sample of at most
+    ``sample`` entries:
+
+    - exact: ``count``, ``norm`` and ``nonfinite`` (a NaN or Inf anywhere makes the sum of
+      squares non-finite, and such a tensor is recomputed by :func:`batched_stats`, which
+      counts them); with ``moments`` also ``mean`` and ``std`` (from the sum and the sum of
+      squares while the variance is at least :data:`WELL_CONDITIONED` x the mean square; below
+      that, where the one-pass formula cancels, recomputed around the mean); with ``extrema``
+      also ``min`` and ``max``;
+    - from the sample (all exact when ``x.numel() <= sample``): ``zero_frac`` always; ``min``
+      and ``max`` without ``extrema`` (the sample's extremes: never beyond the true ones);
+      without ``moments`` the mean (the sample's), and the std from the exact sum of squares
+      around that mean (the sample's std where that cancels).
+
+    Every value equals :func:`batched_stats` up to float rounding of the accumulation dtype
+    (float64 for float64 input, else float32), except the sampled ones. Reading the result on
+    the host is free on a CPU (nothing to wait for); on other devices use :func:`batched_stats`,
+    which never leaves the device.
+
+    Raises:
+        ValueError: ``x`` is not on the CPU, or ``sample < 1``.
+    """
+    if x.device.type != "cpu":
+        raise ValueError(f"fast_stats(x.device={x.device}): CPU tensors only; use batched_stats")
+    if sample < 1:
+        raise ValueError(f"fast_stats(sample={sample!r}): must be >= 1")
+    n = x.numel()
+    if n == 0:
+        return [0.0, math.nan, math.nan, math.nan, math.nan, 0.0, 0.0, math.nan]
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)  # half, bfloat16, integers, bool: as batched_stats accumulates them
+    # numpy, not torch: a numpy reduction costs ~1 us to call, a torch op ~3 us, and most
+    # tensors are small; torch's sum is the faster one on large float32 tensors
+    flat = x.numpy().reshape(-1)  # a view when contiguous
+    sq = float(np.dot(flat, flat))  # one pass: exact norm, and NaN / Inf anywhere propagate
+    smp = flat[:: -(-n // sample)] if n > sample else flat
+    if moments or smp.size == n:
+        total = float(x.sum()) if n > LARGE else float(flat.sum())
+    else:  # the sample's mean stands for the tensor's
+        total = float(smp.sum(dtype=np.float64)) * (n / smp.size)
+    src = flat if extrema else smp
+    lo, hi = float(src.min()), float(src.max())
+    if not math.isfinite(total + sq + lo + hi):  # NaN / Inf inside, or an overflow: count exactly
+        return batched_stats([x])[0].tolist()
+    mean = total / n
+    var = sq / n - mean * mean
+    if var < WELL_CONDITIONED * (sq / n):  # |mean| >> std: E[x^2] - E[x]^2 cancels; use x - mean
+        if moments or smp.size == n:
+            d = flat - flat.dtype.type(mean)
+            var = max(float(np.dot(d, d)) / n - (float(d.sum()) / n) ** 2, 0.0)
+        else:
+            var = float(smp.astype(np.float64).var())
+    zeros = smp.size - np.count_nonzero(smp)
+    return [float(n), mean, math.sqrt(var), lo, hi, math.sqrt(sq), 0.0, zeros / smp.size]
+
+
+SMALL = 1 << 11  # entries up to which tensor_stats batches tensors into one exact numpy pass
+
+
+def small_stats(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    """Exact :data:`STAT_NAMES` rows of many small CPU tensors in one float64 numpy pass.
+
+    The tensors are laid back to back in one float64 buffer and reduced per segment
+    (``ufunc.reduceat``), with NaN / Inf masked out of the moments and counted: a fixed number
+    of numpy calls whatever the number of tensors (which per-tensor calls would pay for each).
+    Meant for tensors of up to :data:`SMALL` entries (the buffer is a copy).
+
+    Returns:
+        A float64 array ``(N, 8)``; empty tensors get the row :func:`batched_stats` gives them.
+    """
+    out = np.full((len(tensors), len(STAT_NAMES)), np.nan)
+    out[:, STAT_INDEX["count"]] = out[:, STAT_INDEX["norm"]] = out[:, STAT_INDEX["nonfinite"]] = 0.0
+    arrays = []
+    for t in tensors:
+        t = t.detach()
+        if t.dtype not in (torch.float32, torch.float64):
+            t = t.to(torch.float64)
+        arrays.append(t.numpy().reshape(-1))
+    keep = [i for i, a in enumerate(arrays) if a.size]
+    if not keep:
+        return out
+    lengths = np.array([arrays[i].size for i in keep])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    x = np.concatenate([arrays[i] for i in keep], dtype=np.float64)
+    total = np.add.reduceat(x, starts)
+    sq = np.add.reduceat(x * x, starts)
+    n = lengths.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = total / n
+        var = sq / n - mean * mean  # float64 moments of float32 (or float64) entries
+        # NaN / Inf anywhere, or a variance the one-pass formula cannot resolve: mask and two passes
+        if not (np.isfinite(total + sq).all() and (var >= 1e-8 * (sq / n)).all()):
+            return _small_stats_masked(x, starts, lengths, keep, out)
+    out[keep] = np.stack([
+        n, mean, np.sqrt(var), np.minimum.reduceat(x, starts), np.maximum.reduceat(x, starts),
+        np.sqrt(sq), np.zeros_like(n), np.add.reduceat(x == 0, starts) / n,
+    ], axis=1)
+    return out
+
+
+def _small_stats_masked(x: np.ndarray, starts: np.ndarray, lengths: np.ndarray, keep: list[int],
+                        out: np.ndarray) -> np.ndarray:
+    """:func:`small_stats` for buffers with NaN / Inf or near-constant segments: masked, two passes."""
+    fin = np.isfinite(x)
+    x0 = np.where(fin, x, 0.0)
+    n_fin = np.add.reduceat(fin, starts).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.add.reduceat(x0, starts) / n_fin  # NaN where no entry is finite
+        d = np.where(fin, x - np.repeat(mean, lengths), 0.0)
+        std = np.sqrt(np.add.reduceat(d * d, starts) / n_fin)
+    lo = np.minimum.reduceat(np.where(fin, x, np.inf), starts)
+    hi = np.maximum.reduceat(np.where(fin, x, -np.inf), starts)
+    none = n_fin == 0
+    out[keep] = np.stack([
+        lengths.astype(np.float64), mean, std, np.where(none, np.nan, lo), np.where(none, np.nan, hi),
+        np.sqrt(np.add.reduceat(x0 * x0, starts)), lengths - n_fin,
+        np.add.reduceat(x == 0, starts) / lengths,
+    ], axis=1)
+    return out
+
+
+def tensor_stats(tensors: Sequence[torch.Tensor], extrema: bool = True, sample: int = SAMPLE) -> torch.Tensor:
+    """One :data:`STAT_NAMES` row per tensor, float64 ``(N, 8)`` on the tensors' device.
+
+    On a CPU, tensors of up to :data:`SMALL` entries go through one exact :func:`small_stats`
+    pass and larger ones through :func:`fast_stats` (sampled ``zero_frac``, and sampled
+    extremes unless ``extrema``); elsewhere one :func:`batched_stats` call (exact, no host
+    synchronisation).
+
+    Raises:
+        ValueError: no tensors were given.
+    """
+    ts = list(tensors)
+    if not ts:
+        raise ValueError("tensor_stats(tensors=[]): need at least one tensor")
+    if ts[0].device.type != "cpu":
+        return batched_stats([[t] for t in ts])
+    small = [i for i, t in enumerate(ts) if t.numel() <= SMALL]
+    out = np.empty((len(ts), len(STAT_NAMES)))
+    if small:
+        out[small] = small_stats([ts[i] for i in small])
+    for i, t in enumerate(ts):
+        if t.numel() > SMALL:
+            out[i] = fast_stats(t, extrema, sample)
+    return torch.from_numpy(out)
+
+
 class HostCopy:
     """A device tensor on its way to host memory: started at once, waited for only on demand.
 
@@ -353,6 +520,9 @@ def combine_stats(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> t
         raise ValueError(f"combine_stats(values.shape={tuple(values.shape)}): expected (N, {len(STAT_NAMES)})")
     if group.shape != values.shape[:1]:
         raise ValueError(f"combine_stats(group.shape={tuple(group.shape)}): expected ({values.shape[0]},)")
+    if values.device.type == "cpu":  # numpy: ~1 us per call on these tiny arrays, torch ~3 us
+        return torch.from_numpy(_combine_np(values.detach().to(torch.float64).numpy(),
+                                            group.numpy(), n_groups))
     v = values.to(torch.float64)
     count, mean, std, lo, hi, norm, nonfinite, zero_frac = v.unbind(1)
     n = count - nonfinite  # finite entries per row
@@ -375,3 +545,29 @@ def combine_stats(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> t
         torch.sqrt(gsum(norm * norm)), gsum(nonfinite),
         gsum(torch.nan_to_num(zero_frac) * count) / count_g,
     ], dim=1)
+
+
+def _combine_np(v: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """:func:`combine_stats` in numpy (host rows)."""
+    count, mean, std, lo, hi, norm, nonfinite, zero_frac = v.T
+    n = count - nonfinite
+    has = n > 0
+
+    def gsum(x: np.ndarray) -> np.ndarray:
+        return np.bincount(group, weights=x, minlength=n_groups)
+
+    n_g = gsum(n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_g = gsum(np.where(has, n * mean, 0.0)) / n_g
+        m2 = np.where(has, n * (std * std + (mean - mean_g[group]) ** 2), 0.0)
+        lo_g = np.full(n_groups, np.inf)
+        hi_g = np.full(n_groups, -np.inf)
+        np.minimum.at(lo_g, group, np.where(has, lo, np.inf))
+        np.maximum.at(hi_g, group, np.where(has, hi, -np.inf))
+        none = n_g == 0
+        count_g = gsum(count)
+        return np.stack([
+            count_g, mean_g, np.sqrt(gsum(m2) / n_g), np.where(none, np.nan, lo_g),
+            np.where(none, np.nan, hi_g), np.sqrt(gsum(norm * norm)), gsum(nonfinite),
+            gsum(np.nan_to_num(zero_frac) * count) / count_g,
+        ], axis=1)

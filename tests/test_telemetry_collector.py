@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import adaptive_kit.stats as stats_module
+import adaptive_kit.telemetry.collector as collector_module
 from adaptive_kit.anomaly import Alarm
 from adaptive_kit.records import MemorySink
-from adaptive_kit.stats import STAT_NAMES, batched_stats, combine_stats
+from adaptive_kit.stats import SAMPLE, SMALL, STAT_INDEX, STAT_NAMES, batched_stats, combine_stats
 from adaptive_kit.telemetry import (
     KINDS,
     LEVELS,
@@ -87,15 +88,68 @@ def flat(ts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def rows_by_key(b: pa.RecordBatch) -> dict[tuple[str, str], dict]:
-    return {(r["kind"], r["layer"]): r for r in b.to_pylist()}
+    """The batch's tensor rows by (kind, layer); the loss row is left out (see loss_rows)."""
+    return {(r["kind"], r["layer"]): r for r in b.to_pylist() if r["kind"] != "loss"}
+
+
+def loss_rows(record: StepRecord) -> list[dict]:
+    return [r for b in record.batches.values() for r in b.to_pylist() if r["kind"] == "loss"]
 
 
 def stat_vector(row: dict) -> np.ndarray:
     return np.array([row[n] for n in STAT_NAMES], dtype=np.float64)
 
 
+def exact_row(v: np.ndarray) -> np.ndarray:
+    """The 8 statistics of float64 values, numpy."""
+    fin = v[np.isfinite(v)]
+    row = np.array([v.size, np.nan, np.nan, np.nan, np.nan, math.sqrt(float((fin * fin).sum())),
+                    v.size - fin.size, np.nan])
+    if fin.size:
+        row[1:5] = fin.mean(), fin.std(), fin.min(), fin.max()
+    if v.size:
+        row[7] = np.mean(v == 0)
+    return row
+
+
+def tensor_oracle(t: torch.Tensor, level: str) -> np.ndarray:
+    """What the collector documents for one CPU tensor at ``level``: exact counts, norm, mean
+    and std (macro: the sample's mean above SAMPLE entries); above SMALL entries the extremes
+    (unless collector.EXTREMA) and zero_frac of the evenly strided sample of SAMPLE entries."""
+    v = t.detach().double().reshape(-1).numpy()
+    row = exact_row(v)
+    n = v.size
+    if n <= SMALL or row[STAT_INDEX["nonfinite"]]:
+        return row
+    smp = v[::math.ceil(n / SAMPLE)] if n > SAMPLE else v
+    if not collector_module.EXTREMA:
+        row[STAT_INDEX["min"]], row[STAT_INDEX["max"]] = smp.min(), smp.max()
+    row[STAT_INDEX["zero_frac"]] = np.mean(smp == 0)
+    if level == "macro" and smp.size < n:
+        m, sq = smp.mean(), float((v * v).sum()) / n
+        var = sq - m * m
+        row[STAT_INDEX["mean"]] = m
+        row[STAT_INDEX["std"]] = math.sqrt(var if var >= sq / 16 else smp.var())
+    return row
+
+
+def level_oracle(ts: list[torch.Tensor], level: str) -> np.ndarray:
+    """The row the collector sends for tensors pooled at ``level`` (combine_stats is tested below)."""
+    rows = torch.tensor(np.stack([tensor_oracle(t, level) for t in ts]))
+    return combine_stats(rows, torch.zeros(len(ts), dtype=torch.int64), 1)[0].numpy()
+
+
+def assert_row(got: np.ndarray, exp: np.ndarray, msg: str = "") -> None:
+    """Counts exact; moments to float32 accumulation (1e-5 of the largest magnitude)."""
+    scale = max(1.0, float(np.nanmax(np.abs(exp[[3, 4]])))) if np.isfinite(exp[[3, 4]]).any() else 1.0
+    for name in ("count", "nonfinite"):
+        assert got[STAT_INDEX[name]] == exp[STAT_INDEX[name]], f"{name}: {msg}"
+    np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6 * scale, equal_nan=True, err_msg=msg)
+
+
 def triples(record: StepRecord) -> set[tuple[str, str, str]]:
-    return {(r["kind"], r["layer"], r["level"]) for b in record.batches.values() for r in b.to_pylist()}
+    return {(r["kind"], r["layer"], r["level"]) for b in record.batches.values() for r in b.to_pylist()
+            if r["kind"] != "loss"}
 
 
 def expected_triples(tel: Telemetry) -> set[tuple[str, str, str]]:
@@ -151,10 +205,15 @@ def test_meso_rows_equal_batched_stats_of_the_same_tensors(name):
     assert set(rows) == set(tel.plan)
     for (kind, layer), row in rows.items():
         assert row["level"] == "meso" and row["values"] is None
-        oracle = batched_stats([tensors_of(model, probe, kind, layer)])[0].numpy()
-        np.testing.assert_allclose(stat_vector(row), oracle, rtol=1e-6, atol=1e-9,
-                                   err_msg=f"{kind}/{layer}")
-        assert row["count"] == sum(t.numel() for t in tensors_of(model, probe, kind, layer))
+        ts = tensors_of(model, probe, kind, layer)
+        assert_row(stat_vector(row), level_oracle(ts, "meso"), f"{kind}/{layer}")
+        exact = batched_stats([ts])[0].numpy()  # count, mean, std, norm, nonfinite: exact
+        for name in ("count", "mean", "std", "norm", "nonfinite"):
+            j = STAT_INDEX[name]
+            np.testing.assert_allclose(row[name], exact[j], rtol=2e-5, atol=1e-7, err_msg=f"{kind}/{layer} {name}")
+    assert loss_rows(rec) == [{**loss_rows(rec)[0], "kind": "loss", "layer": "*", "level": "meso", "count": 1,
+                               "nonfinite": 0, "std": 0.0, "values": None}]
+    assert loss_rows(rec)[0]["mean"] == rec.loss == loss_rows(rec)[0]["max"]
     assert sink.streams == ["telemetry"]
     probe.remove()
     tel.close()
@@ -180,13 +239,18 @@ def test_macro_rows_equal_stats_of_the_concatenation_of_all_layers(name):
     rows = rows_by_key(rec.batches["macro"])
     assert set(rows) == {(k, "*") for k in KINDS}
     for kind in KINDS:
-        union = flat([t for layer in tel.layers[kind] for t in tensors_of(model, probe, kind, layer)])
-        oracle = batched_stats([union])[0].numpy()
+        ts = [t for layer in tel.layers[kind] for t in tensors_of(model, probe, kind, layer)]
+        union = flat(ts)
+        exact = batched_stats([union])[0].numpy()
         row = rows[(kind, "*")]
         assert row["level"] == "macro" and row["values"] is None
-        np.testing.assert_allclose(stat_vector(row), oracle, rtol=2e-5, atol=1e-6, err_msg=kind)
-        assert row["count"] == union.numel()
-        assert row["min"] == oracle[3] and row["max"] == oracle[4]
+        assert_row(stat_vector(row), level_oracle(ts, "macro"), kind)
+        # exact at macro whatever the tensors' sizes: counts and norm
+        assert row["count"] == union.numel() and row["nonfinite"] == exact[6] == 0
+        assert row["norm"] == pytest.approx(exact[5], rel=2e-5)
+        if all(t.numel() <= SMALL for t in ts):  # every statistic exact: the union's
+            np.testing.assert_allclose(stat_vector(row), exact, rtol=2e-5, atol=1e-6, err_msg=kind)
+            assert row["min"] == exact[3] and row["max"] == exact[4]
     probe.remove()
     tel.close()
 
@@ -218,7 +282,8 @@ def test_raw_under_the_cap_sends_every_value():
         expected = flat(tensors_of(model, probe, kind, layer)).numpy()
         assert row["count"] == expected.size
         np.testing.assert_array_equal(np.asarray(row["values"], dtype=np.float32), expected)
-        assert row["mean"] is None  # raw rows carry values, not statistics
+        # raw rows carry the layer's statistics too, as meso computes them
+        assert_row(stat_vector(row), level_oracle(tensors_of(model, probe, kind, layer), "raw"))
     probe.remove()
     tel.close()
 
@@ -288,7 +353,9 @@ def test_one_batch_per_level_in_use_and_bytes_match_the_sink():
     assert tel.bytes == sent
     assert tel.bytes["micro"] == 0 and tel.bytes["raw"] > tel.bytes["meso"] > tel.bytes["macro"] > 0
     assert sink.bytes == sum(tel.bytes.values())
-    assert sink.rows == sum(b.num_rows for b in sink.batches) == 3 * (3 + 1 + 5)
+    assert sink.rows == sum(b.num_rows for b in sink.batches) == 3 * (3 + 1 + 5 + 1)  # + the loss
+    for rec in tel.records:  # the loss rides in the coarsest batch of the step
+        assert [(r["kind"], r["level"]) for r in loss_rows(rec)] == [("loss", "macro")]
 
 
 # ---------------------------------------------------------------------------- changing levels
@@ -314,7 +381,9 @@ def test_set_levels_between_steps_takes_effect_next_step_without_new_hooks():
         assert rec.step == step
         assert triples(rec) == expected_triples(tel), f"step {step}: {plan}"
         assert hook_count(model) == hooks and len(model._forward_hooks) == root_hooks
-    assert tel.records[5].batches == {}  # everything off: nothing sent
+    # everything off: only the logged loss is sent, alone in a macro batch
+    assert list(tel.records[5].batches) == ["macro"] and triples(tel.records[5]) == set()
+    assert [r["kind"] for r in loss_rows(tel.records[5])] == ["loss"]
     assert tel.level("grad", "0") == "off" and tel.level("act", "3") == "meso"
     tel.close()
 
@@ -426,8 +495,10 @@ def test_nonfinite_gradients_are_counted_and_never_crash():
         if level == "macro":
             assert b.to_pylist()[0]["nonfinite"] == 5
         else:
-            v = np.asarray(rows_by_key(b)[("grad", "0")]["values"], dtype=np.float64)
+            row = rows_by_key(b)[("grad", "0")]
+            v = np.asarray(row["values"], dtype=np.float64)
             assert (~np.isfinite(v)).sum() == (5 if level == "raw" else 3)  # 3 blocks hold one
+            assert row["nonfinite"] == 5
     tel.close()
 
 
@@ -463,9 +534,9 @@ def test_explicit_act_layers_and_inplace_relu():
         model(x).sum().backward()
     rows = rows_by_key(tel.records[-1].batches["meso"])
     assert set(rows) == {("act", "0"), ("act", "1")}
-    np.testing.assert_allclose(stat_vector(rows[("act", "0")]), batched_stats([pre])[0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(stat_vector(rows[("act", "0")]), batched_stats([pre])[0].numpy(), rtol=1e-5)
     np.testing.assert_allclose(stat_vector(rows[("act", "1")]),
-                               batched_stats([pre.clamp(min=0)])[0].numpy(), rtol=1e-6)
+                               batched_stats([pre.clamp(min=0)])[0].numpy(), rtol=1e-5)
     assert rows[("act", "0")]["min"] < 0
     tel.close()
 
