@@ -118,10 +118,11 @@ def _file_fault(kind: str, tmp: Path, n: int = 20) -> dict:
 
 def zmq_no_listener(n: int = 20, timeout_ms: int = 200) -> dict:
     """A sink whose receiver never started: every write is counted dropped from the first one."""
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     with zmq.Context() as ctx:
-        s = ctx.socket(zmq.PULL)
-        port = s.bind_to_random_port("tcp://127.0.0.1")
-        s.close()  # a port nobody listens on
         sink = ZmqPushSink(f"tcp://127.0.0.1:{port}", producer="lonely", send_timeout_ms=timeout_ms,
                            context=ctx, on_undelivered="count")
         t0 = time.perf_counter()

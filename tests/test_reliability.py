@@ -103,8 +103,10 @@ def test_a_sink_without_receiver_knows_from_the_first_message():
 
 
 def test_a_sink_without_receiver_can_raise():
-    with ZmqPullSource() as gone:
-        address = gone.address
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     sink = ZmqPushSink(address, producer="p", send_timeout_ms=50, on_undelivered="raise")
     with pytest.raises(UndeliveredError, match=r"message 0 not delivered .*is a receiver listening"):
         sink.write(rb._batch(0))
