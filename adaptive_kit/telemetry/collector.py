@@ -44,9 +44,11 @@ from ..stats import (
     SMALL,
     STAT_NAMES,
     HostCopy,
+    Partial,
     _strided,
     combine_stats,
-    fast_stats,
+    partial,
+    rows_of,
     tensor_stats,
 )
 
@@ -294,7 +296,7 @@ class Summary:
 
     level: str
     count: int  # entries in the tensors
-    rows: list[list[float]]  # STAT_NAMES row per tensor already reduced
+    rows: list[Partial | list[float]]  # per tensor already reduced: its partial, or its exact row
     tensors: list[torch.Tensor]  # tensors still to reduce
     sample: torch.Tensor | None  # raw / micro: float32 values to send
 
@@ -328,8 +330,8 @@ def summarise(tensors: list[torch.Tensor], level: str, config: TelemetryConfig,
             sample = _sampled_block_means(flat, config.window, config.raw_cap)
     rows, later = [], []
     for t in ts:
-        if t.device.type == "cpu" and t.numel() > SMALL:
-            rows.append(fast_stats(t, extrema=EXTREMA, moments=level != "macro"))
+        if t.device.type == "cpu":  # small tensors are copied whole and reduced exactly
+            rows.append(partial(t, moments=level != "macro", extrema=EXTREMA, whole=SMALL))
         else:
             later.append(t.clone() if copy else t)
     return Summary(level, sum(t.numel() for t in ts), rows, later, sample)
@@ -352,12 +354,13 @@ def aggregate(step: int, items: list[tuple[str, str, str, list[torch.Tensor] | S
     macro_kinds = sorted({k for k, _, sm in summaries if sm.level == "macro"}, key=KINDS.index)
     out = {key: i for i, key in enumerate(stats_items)}
     n_rows = len(stats_items) + len(macro_kinds)
-    host_rows, host_group, sample_items, samples = [], [], [], []
+    host_rows, host_group, partials, partial_group, sample_items, samples = [], [], [], [], [], []
     later: dict[str, tuple[list[torch.Tensor], list[int]]] = {}  # device type -> tensors, groups
     for kind, layer, sm in summaries:
         g = (len(stats_items) + macro_kinds.index(kind)) if sm.level == "macro" else out[(kind, layer, sm.level)]
-        host_rows += sm.rows
-        host_group += [g] * len(sm.rows)
+        for r in sm.rows:
+            (host_rows if isinstance(r, list) else partials).append(r)
+            (host_group if isinstance(r, list) else partial_group).append(g)
         for t in sm.tensors:
             ts, gs = later.setdefault(t.device.type, ([], []))
             ts.append(t)
@@ -368,8 +371,11 @@ def aggregate(step: int, items: list[tuple[str, str, str, list[torch.Tensor] | S
     f64_parts: list[torch.Tensor] = []
     if n_rows:
         parts = [(tensor_stats(ts), gs) for ts, gs in later.values()]
+        if partials:
+            host_rows = [*host_rows, *rows_of(partials)]
+            host_group += partial_group
         if host_rows:
-            parts.append((torch.tensor(host_rows, dtype=torch.float64), host_group))
+            parts.append((torch.from_numpy(np.array(host_rows, dtype=np.float64)), host_group))
         dev = parts[0][0].device
         rows = torch.cat([r.to(dev) for r, _ in parts]) if len(parts) > 1 else parts[0][0]
         group = _index(tuple(g for _, gs in parts for g in gs), dev)
