@@ -2,33 +2,42 @@
 from __future__ import annotations
 
 import math
-import time
+import warnings
+from collections.abc import Iterable
 
 import numpy as np
 
 from ..anomaly import Alarm
-from ..resources import ResourceSampler
-from .collector import StepRecord, Telemetry
+from .collector import LEVELS, StepRecord, Telemetry
 from .detectors import DetectorSuite
 from .policies import Plan, Policy, State
 
+LOOK_LEVELS = frozenset(LEVELS[LEVELS.index("meso"):])  # levels that see each layer
+
 
 class StateTracker:
-    """Builds the :class:`State` a policy sees from each step's alarms and observations."""
+    """Builds the :class:`State` a policy sees from each step's alarms, loss, gradients and looks."""
 
-    def __init__(self, steps_total: int, memory: int = 5, beta: float = 0.9) -> None:
+    def __init__(self, steps_total: int, keys: Iterable[tuple[str, str]] = (), memory: int = 5,
+                 beta: float = 0.9) -> None:
         self.steps_total, self.memory, self.beta = steps_total, memory, beta
+        self.keys = tuple(keys)
         self._recent: list[Alarm] = []
         self._last_alarm = -(10**9)
+        self._last_look: dict[tuple[str, str], int] = {}
         self._cx_ema: float | None = None
         self._loss_ema: float | None = None
         self._loss_var = 0.0
-        self.state = State(0, steps_total)
+        self.state = State(0, steps_total, keys=self.keys)
 
     def update(self, step: int, alarms: list[Alarm], grad_var: float | None, loss: float | None,
-               utilisation: float) -> State:
+               *, looked: Iterable[tuple[str, str]] = (), suspicion: dict | None = None,
+               pending: frozenset = frozenset()) -> State:
+        """Fold in one step: its alarms, gradient variance, loss and the layers it looked at."""
         if alarms:
             self._last_alarm = step
+        for key in looked:
+            self._last_look[key] = step
         self._recent = [a for a in self._recent if a.step > step - self.memory] + list(alarms)
         complexity = 0.0
         if grad_var is not None and grad_var > 0 and math.isfinite(grad_var):
@@ -46,8 +55,9 @@ class StateTracker:
                 self._loss_var = self.beta * (self._loss_var + (1 - self.beta) * d * d)
         elif loss is not None:
             loss_z = 5.0
+        since = {k: step + 1 - t for k, t in self._last_look.items()}
         self.state = State(step + 1, self.steps_total, list(self._recent), step + 1 - self._last_alarm,
-                           utilisation, complexity, loss_z)
+                           complexity, loss_z, self.keys, since, dict(suspicion or {}), frozenset(pending))
         return self.state
 
 
@@ -66,22 +76,31 @@ class Controller:
 
     ``Controller(tel, RulePolicy())`` installs itself: every step's record goes through the
     detectors, the policy sees the new :class:`State`, and its plan becomes the levels of the
-    next collected step (hooks stay registered; only levels change).
+    next collected step (hooks stay registered; only levels change). The levels the collector
+    had before are the levels of step 0 when ``keep_levels`` is true; otherwise the policy's
+    first plan replaces them (and a warning says so if they differed).
     """
 
     def __init__(self, tel: Telemetry, policy: Policy, suite: DetectorSuite | None = None,
-                 steps_total: int = 1000, util_interval_s: float = 1.0) -> None:
+                 steps_total: int = 1000, keep_levels: bool = False) -> None:
         self.tel = tel
         self.policy = policy
         self.suite = suite if suite is not None else DetectorSuite.for_telemetry(tel)
-        self.tracker = StateTracker(steps_total)
-        self.sampler = ResourceSampler()
-        self.util_interval_s = util_interval_s  # utilisation is read from /proc at most this often
-        self._util, self._util_at = 0.0, -math.inf
+        self.tracker = StateTracker(steps_total, tel.plan.keys())
         self.plans: list[Plan] = []
         policy.reset()
         tel.on_record = self
-        self.apply(policy.act(self.tracker.state))
+        before = dict(tel.plan)
+        first = policy.act(self.tracker.state)
+        if keep_levels:
+            self.plans.append(first)
+        else:
+            self.apply(first)
+            if tel.plan != before and set(before.values()) != {"off"}:
+                changed = sorted({f"{k}={lv}" for (k, _), lv in before.items()})
+                warnings.warn(f"Controller: the policy's first plan replaces the collector's levels "
+                              f"({', '.join(changed)}); pass keep_levels=True to start from them",
+                              stacklevel=2)
 
     def apply(self, plan: Plan) -> None:
         """Set the collector's levels to ``plan``."""
@@ -93,9 +112,9 @@ class Controller:
 
     def __call__(self, record: StepRecord) -> list[Alarm]:
         alarms = self.suite(record)
-        now = time.monotonic()
-        if now - self._util_at >= self.util_interval_s:
-            self._util, self._util_at = self.sampler.sample()["util_percent"][0], now
-        state = self.tracker.update(record.step, alarms, grad_variance(self.suite), record.loss, self._util)
+        looked = [(o.kind, o.layer) for o in self.suite.last_observations if o.level in LOOK_LEVELS]
+        state = self.tracker.update(record.step, alarms, grad_variance(self.suite), record.loss,
+                                    looked=looked, suspicion=self.suite.suspicion,
+                                    pending=self.suite.pending)
         self.apply(self.policy.act(state))
         return alarms

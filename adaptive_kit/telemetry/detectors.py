@@ -16,7 +16,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -76,6 +76,53 @@ def _from_sample(kind: str, layer: str, level: str, count: int, v: np.ndarray) -
         return Observation(kind, layer, level, count, *([math.nan] * 4), 0.0, nonfinite, zero_frac)
     return Observation(kind, layer, level, count, float(f.mean()), float(f.std()), float(f.min()),
                        float(f.max()), float(math.sqrt((f * f).sum() * scale)), nonfinite, zero_frac)
+
+
+def pool_rows(rows: np.ndarray) -> np.ndarray:
+    """Statistics of the union of layers from their rows of :data:`~adaptive_kit.stats.STAT_NAMES`
+    (count, mean, std, min, max, norm, nonfinite, zero_frac): what a macro row sends."""
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, 8)
+    count, mean, std, lo, hi, norm, nonfinite, zero = rows.T
+    n = count - nonfinite
+    nt = n.sum()
+    fin = n > 0
+    out = np.full(8, np.nan)
+    out[0], out[6] = count.sum(), nonfinite.sum()
+    out[5] = math.sqrt(float((norm * norm).sum()))
+    out[7] = float((zero * count).sum() / count.sum()) if count.sum() else np.nan
+    if nt > 0:
+        m = float((mean[fin] * n[fin]).sum() / nt)
+        m2 = float((n[fin] * (std[fin] ** 2 + (mean[fin] - m) ** 2)).sum())
+        out[1], out[2], out[3], out[4] = m, math.sqrt(m2 / nt), lo[fin].min(), hi[fin].max()
+    return out
+
+
+def _row(o: Observation) -> list[float]:
+    return [o.count, o.mean, o.std, o.min, o.max, o.norm, o.nonfinite, o.zero_frac]
+
+
+def complete_macro(obs: list[Observation], layers: dict[str, Iterable[str]]) -> list[Observation]:
+    """Give every kind one whole-network (``layer="*"``) observation whenever the step covers
+    all its layers at meso or macro: a policy that looks at some layers more closely moves them
+    out of the collector's macro row, and the pooled series would jump with the plan. The meso
+    rows and the partial macro row pool exactly into the whole. A kind that is only partly
+    covered (a layer at raw, micro or off) keeps its partial row, as level ``macro-partial``,
+    so that it never enters the whole-network history."""
+    out = [o for o in obs if o.level != "macro"]
+    for kind, names in layers.items():
+        names = set(names)
+        macro = [o for o in obs if o.kind == kind and o.level == "macro"]
+        meso = [o for o in obs if o.kind == kind and o.level == "meso"]
+        others = {o.layer for o in obs if o.kind == kind and o.level in ("raw", "micro")}
+        covered = names - others
+        if not macro and len(meso) < len(names):
+            continue
+        if others or (not macro and {o.layer for o in meso} != names) or not covered:
+            out.extend(replace(o, level="macro-partial") for o in macro)
+            continue
+        whole = pool_rows([_row(o) for o in macro + meso])
+        out.append(Observation(kind, "*", "macro", int(whole[0]), *(float(v) for v in whole[1:])))
+    return out
 
 
 class Detector:
@@ -167,99 +214,307 @@ class GradientRatioDetector(Detector):
         return alarms
 
 
-class DeadReLUDetector(Detector):
-    """Dying ReLUs.
+class Baseline:
+    """A series' own recent history: Holt's level and trend per step, and an EMA of the squared
+    one-look-ahead residual, folded only with values judged normal, so that a fault does not
+    become the new normal. Looks may be several steps apart: the trend carries the level over
+    the gap, so a series that moves steadily (as statistics do early in training) is not an
+    outlier just because it was seen rarely."""
 
-    Rule: an activation layer's outputs are >= ``threshold`` (70 %, AUTOTRAINER's dying-ReLU
-    threshold) exact zeros for ``patience`` consecutive steps *and* at least ``margin`` above
-    the layer's own baseline (an EMA of its zero fraction over healthy steps, after ``warmup``
-    of them; before that only a nearly all-zero layer, >= 95 %, counts). The margin is ours:
-    healthy convolutional ReLUs sit near 70 % zeros (70-73 % in the bundled CNN), so the bare
-    threshold fires on clean runs. Applies to the ``layers`` given (the ReLU-family modules);
-    a macro row pools every layer, so one dead layer among healthy ones is diluted there.
+    def __init__(self, beta: float, trend_beta: float = 0.8) -> None:
+        self.beta, self.trend_beta = beta, trend_beta
+        self.n, self.level, self.trend, self.var, self.step = 0, 0.0, 0.0, 0.0, 0
+
+    def predict(self, step: int) -> float:
+        return self.level + self.trend * (step - self.step) if self.n else 0.0
+
+    def deviation(self, x: float, step: int, floor: float) -> tuple[float, float]:
+        """``(x - forecast, that distance in standard deviations, at least ``floor`` wide)``."""
+        d = x - self.predict(step)
+        return d, abs(d) / max(math.sqrt(self.var), floor)
+
+    def fold(self, x: float, step: int) -> None:
+        if self.n == 0:
+            self.level = x
+        else:
+            gap = max(step - self.step, 1)
+            forecast = self.predict(step)
+            d = x - forecast
+            level = forecast + (1 - self.beta) * d
+            if self.n >= 2:
+                self.var = self.beta * self.var + (1 - self.beta) * d * d
+            self.trend = self.trend_beta * self.trend + (1 - self.trend_beta) * (level - self.level) / gap
+            self.level = level
+        self.step = step
+        self.n += 1
+
+
+class SelfReferencedDetector(Detector):
+    """Base of the rules that compare each (kind, layer) series with its own history.
+
+    A value is *bad* when it lies more than ``sigmas`` of the series' own standard deviation
+    from its baseline **and** more than ``min_change`` away (so that a very steady series does
+    not alarm on a trifle); a series alarms once ``confirm`` consecutive observations are bad,
+    after ``warmup`` normal ones. Layers are watched whenever they are observed, at whatever
+    rate a policy looks at them, so a naturally imbalanced network is its own reference and
+    never an alarm. :attr:`suspicion` maps (kind, layer) to the last observation's distance
+    as a fraction of the alarm threshold (>= 1: bad): a policy can look again where it is high.
     """
 
-    name = "dead_relu"
+    kind = "act"
+    side = 0  # 0: a change either way is bad; +1: only a rise; -1: only a fall
 
-    def __init__(self, layers: Iterable[str], threshold: float = 0.7, patience: int = 3,
-                 margin: float = 0.2, warmup: int = 10, beta: float = 0.9) -> None:
+    def __init__(self, sigmas: float, min_change: float | tuple[float, float], warmup: int = 5,
+                 confirm: int = 2, beta: float = 0.8, floor: float = 0.02, trend: bool = True) -> None:
         super().__init__()
-        self.layers = set(layers)
-        self.threshold, self.patience, self.margin = threshold, patience, margin
-        self.warmup, self.beta = warmup, beta
-        self._runs: dict[str, int] = {}
-        self._base: dict[str, float] = {}
-        self._n: dict[str, int] = {}
+        if confirm < 1 or warmup < 1:
+            raise ValueError(f"{type(self).__name__}(warmup={warmup!r}, confirm={confirm!r}): need >= 1")
+        # (below, above) the baseline: a fall and a rise may need different sizes
+        self.min_change = min_change if isinstance(min_change, tuple) else (min_change, min_change)
+        self.sigmas, self.warmup, self.confirm = sigmas, warmup, confirm
+        self.beta, self.floor = beta, floor
+        self.trend_beta = 0.8 if trend else 1.0  # 1: no trend, a level with noise around it
+        self._base: dict[tuple, Baseline] = {}
+        self._bad: dict[tuple, int] = {}
+        self.suspicion: dict[tuple[str, str], float] = {}
+        self.pending: set[tuple[str, str]] = set()  # (kind, layer): bad, not yet confirmed
+
+    def value(self, o: Observation) -> float | None:
+        """The watched statistic of an observation (None: nothing to watch)."""
+        raise NotImplementedError
+
+    def describe(self, o: Observation, x: float, base: Baseline, d: float, z: float) -> tuple[str, str]:
+        """(detector name, evidence) of an alarm."""
+        raise NotImplementedError
 
     def update(self, step, obs, loss):
         alarms = []
         for o in obs:
-            if o.kind != "act" or (o.layer not in self.layers and o.layer != "*"):
+            if o.kind != self.kind:
                 continue
-            zf = o.zero_frac
-            if zf is None or not math.isfinite(zf):
+            x = self.value(o)
+            if x is None or not math.isfinite(x):
                 continue
-            key = (o.layer, o.level)  # micro block means understate zeros: one baseline per level
-            n, base = self._n.get(key, 0), self._base.get(key, zf)
-            dead = zf >= self.threshold and (zf >= base + self.margin if n >= self.warmup else zf >= 0.95)
-            self._runs[o.layer] = self._runs.get(o.layer, 0) + 1 if dead else 0
-            if not dead:
-                self._base[key] = zf if n == 0 else self.beta * base + (1 - self.beta) * zf
-                self._n[key] = n + 1
-            if self._edge(o.layer, self._runs[o.layer] >= self.patience):
-                alarms.append(Alarm(step, self.name, "act", o.layer, o.level,
-                                    f"{zf:.0%} of outputs are zero for {self.patience} steps "
-                                    f"(threshold {self.threshold:.0%}, baseline {base:.0%})", zf))
-        return alarms
-
-
-class ActivationScaleDetector(Detector):
-    """Rule: an activation layer's RMS leaves [1/factor, factor] x its own EMA baseline
-    (after ``warmup`` steps; outliers are kept out of the baseline; one baseline per level,
-    since raw, micro and meso estimate the RMS differently). Catches input corruption and
-    exploding activations; at macro it watches the pooled RMS only."""
-
-    name = "activation_scale"
-
-    def __init__(self, factor: float = 10.0, warmup: int = 10, beta: float = 0.9) -> None:
-        super().__init__()
-        self.factor, self.warmup, self.beta = factor, warmup, beta
-        self._ema: dict[str, float] = {}
-        self._n: dict[str, int] = {}
-
-    def update(self, step, obs, loss):
-        alarms = []
-        for o in obs:
-            rms = o.rms
-            if o.kind != "act" or not math.isfinite(rms):
+            key = (o.layer, o.level)  # levels estimate differently: one history each
+            base = self._base.setdefault(key, Baseline(self.beta, self.trend_beta))
+            if base.n < self.warmup:
+                base.fold(x, step)
                 continue
-            key = (o.layer, o.level)  # levels estimate RMS differently: one baseline each
-            n, ema = self._n.get(key, 0), self._ema.get(key, rms)
-            r = rms / ema if ema > 0 else 1.0  # a baseline of exactly 0 has no scale to leave
-            bad = n >= self.warmup and (r > self.factor or r < 1 / self.factor)
-            if self._edge(o.layer, bad):
-                alarms.append(Alarm(step, self.name, "act", o.layer, o.level,
-                                    f"activation RMS {rms:.3g} = {r:.3g}x its EMA {ema:.3g}", r))
+            d, z = base.deviation(x, step, self.floor)
+            frac = min(z / self.sigmas, abs(d) / self.min_change[d > 0])
+            self.suspicion[(o.kind, o.layer)] = frac
+            bad = frac > 1 and d * self.side >= 0
+            self._bad[key] = self._bad.get(key, 0) + 1 if bad else 0
+            if self._edge(key, self._bad[key] >= self.confirm):
+                name, evidence = self.describe(o, x, base, d, z)
+                alarms.append(Alarm(step, name, o.kind, o.layer, o.level, evidence, x))
             if not bad:
-                self._ema[key] = rms if n == 0 else self.beta * ema + (1 - self.beta) * rms
-                self._n[key] = n + 1
+                base.fold(x, step)
+        self.pending = {(self.kind, layer) for (layer, _), n in self._bad.items() if 0 < n < self.confirm}
         return alarms
+
+
+class ScaleDetector(SelfReferencedDetector):
+    """Rule: a layer's RMS (of its gradients or of its outputs) jumps by more than ``sigmas``
+    of its own log-RMS history and by more than a factor ``factor``, on ``confirm``
+    consecutive looks. Catches a layer whose gradients vanish or explode while the others are
+    fine, a stalled run (gradients of exactly zero), input corruption and exploding
+    activations; at macro it watches the pooled RMS of the kind only."""
+
+    def __init__(self, kind: str = "grad", sigmas: float = 5.0, factor: float = 3.0, trend: bool = False,
+                 **kw) -> None:
+        # gradient and activation scales are noise around a slowly moving level: no trend
+        super().__init__(sigmas, math.log(factor), trend=trend, **kw)
+        self.kind = kind
+        self.name = {"grad": "gradient_scale", "act": "activation_scale"}.get(kind, f"{kind}_scale")
+
+    def value(self, o):
+        rms = o.rms
+        return math.log(max(rms, 1e-30)) if math.isfinite(rms) else None
+
+    def describe(self, o, x, base, d, z):
+        r = math.exp(d)
+        if self.kind == "grad":
+            name = "exploding_grad" if d > 0 else "vanishing_grad"
+        else:
+            name = self.name
+        return name, (f"{o.kind} RMS of {o.layer} = {r:.3g}x its own baseline "
+                      f"({z:.1f} sigma, {self.confirm} looks)")
+
+
+class DeadReLUDetector(SelfReferencedDetector):
+    """Dying units: an activation layer's fraction of exact zeros rises above its own baseline
+    by more than ``sigmas`` of its history and by at least ``margin`` (a few dead units of a
+    ReLU layer), or reaches ``threshold`` (95 %, the whole layer dead) at any time. Applies to
+    the ``layers`` given (the ReLU-family modules) and to macro rows; a macro row pools every
+    layer, so a few dead units in one layer are diluted there."""
+
+    kind = "act"
+    name = "dead_relu"
+    side = 1  # fewer zeros than usual is not a dying unit
+
+    def __init__(self, layers: Iterable[str], sigmas: float = 4.0, margin: float = 0.05,
+                 threshold: float = 0.95, **kw) -> None:
+        super().__init__(sigmas, margin, **kw)
+        self.layers, self.threshold = set(layers), threshold
+
+    def value(self, o):
+        if o.layer not in self.layers and o.layer != "*":
+            return None
+        zf = o.zero_frac
+        return None if zf is None or not math.isfinite(zf) else zf
+
+    def update(self, step, obs, loss):
+        alarms = super().update(step, obs, loss)
+        if alarms:
+            return alarms
+        for o in obs:  # a layer that is all zeros is dead whatever its history
+            x = self.value(o) if o.kind == "act" else None
+            if x is not None and x >= self.threshold and self._edge((o.layer, o.level), True):
+                alarms.append(Alarm(step, self.name, "act", o.layer, o.level,
+                                    f"{x:.0%} of outputs are zero (threshold {self.threshold:.0%})", x))
+        return alarms
+
+    def describe(self, o, x, base, d, z):
+        return self.name, (f"{x:.0%} of outputs are zero, expected {x - d:.0%} "
+                           f"({z:.1f} sigma, {self.confirm} looks)")
+
+
+class ActivationScaleDetector(ScaleDetector):
+    """:class:`ScaleDetector` on activations (kept under its own name)."""
+
+    def __init__(self, sigmas: float = 5.0, factor: float = 3.0, **kw) -> None:
+        super().__init__("act", sigmas, factor, **kw)
+
+
+class WeightProgressDetector(SelfReferencedDetector):
+    """Rule: how fast a layer's weights move, per step, against their own history.
+
+    Progress is the largest step-to-step change of the layer's weight statistics (log norm,
+    log std, mean in units of std) divided by the steps between two looks. Far faster than
+    usual (``factor_up`` and ``sigmas``) means a learning rate running away or a layer pushed
+    around (``fast_updates``); far slower (``factor_down``) means training has
+    stalled (``stall``: a learning rate that collapsed, gradients that stopped)."""
+
+    kind = "weight"
+    name = "weight_progress"
+
+    def __init__(self, sigmas: float = 6.0, factor_up: float = 5.0, factor_down: float = 30.0,
+                 warmup: int = 8, **kw) -> None:
+        super().__init__(sigmas, (math.log(factor_down), math.log(factor_up)), warmup=warmup, **kw)
+        self._last: dict[tuple, tuple[int, float, float, float]] = {}
+        self._step = 0
+
+    def update(self, step, obs, loss):
+        self._step = step
+        return super().update(step, obs, loss)
+
+    def value(self, o):
+        if not (o.norm > 0 and o.std > 0 and math.isfinite(o.norm) and math.isfinite(o.std)):
+            return None
+        key = (o.layer, o.level)
+        now = (self._step, math.log(o.norm), math.log(o.std), o.mean / o.std)
+        last = self._last.get(key)
+        self._last[key] = now
+        if last is None or now[0] <= last[0]:
+            return None
+        change = max(abs(a - b) for a, b in zip(now[1:], last[1:])) / (now[0] - last[0])
+        return math.log(change + 1e-12)
+
+    def describe(self, o, x, base, d, z):
+        name = "fast_updates" if d > 0 else "stall"
+        return name, (f"weights of {o.layer} move {math.exp(d):.3g}x their usual rate per step "
+                      f"({z:.1f} sigma, {self.confirm} looks)")
+
+
+class WeightDriftDetector(SelfReferencedDetector):
+    """Rule: a layer's weight norm changes, per step, at a velocity (signed, in log units) far
+    from its own recent velocity: more than ``sigmas`` of its history and more than
+    ``min_rate`` per step. Catches one layer's weights drifting towards zero or growing, which
+    pooled statistics dilute."""
+
+    kind = "weight"
+    name = "weight_drift"
+
+    def __init__(self, sigmas: float = 6.0, min_rate: float = 0.01, floor: float = 1e-3, **kw) -> None:
+        super().__init__(sigmas, min_rate, floor=floor, **kw)
+        self._last: dict[tuple, tuple[int, float]] = {}
+        self._step = 0
+
+    def update(self, step, obs, loss):
+        self._step = step
+        return super().update(step, obs, loss)
+
+    def value(self, o):
+        if not (o.norm > 0 and math.isfinite(o.norm)):
+            return None
+        key = (o.layer, o.level)
+        now, last = (self._step, math.log(o.norm)), self._last.get((o.layer, o.level))
+        self._last[key] = now
+        if last is None or now[0] <= last[0]:
+            return None
+        return (now[1] - last[1]) / (now[0] - last[0])
+
+    def describe(self, o, x, base, d, z):
+        return self.name, (f"weight norm of {o.layer} changes {x:+.2%} per step, expected "
+                           f"{x - d:+.2%} ({z:.1f} sigma, {self.confirm} looks)")
+
+
+class LossShiftDetector(Detector):
+    """Rule: the median of the last ``window`` log-losses sits above the loss's own Holt
+    forecast by more than ``sigmas`` of its history and by more than a factor ``ratio``: a
+    level shift (corrupted labels, a worse regime) that is too gradual or too noisy for the
+    spike rule. Rising edge; losses judged shifted stay out of the baseline."""
+
+    name = "loss_shift"
+
+    def __init__(self, sigmas: float = 4.0, ratio: float = 1.5, window: int = 3, warmup: int = 10,
+                 beta: float = 0.9) -> None:
+        super().__init__()
+        self.sigmas, self.min_change, self.window, self.warmup = sigmas, math.log(ratio), window, warmup
+        self.base = Baseline(beta)
+        self._recent: list[float] = []
+
+    def update(self, step, obs, loss):
+        if loss is None or not loss > 0 or not math.isfinite(loss):
+            return []
+        x = math.log(loss)
+        self._recent = (self._recent + [x])[-self.window:]
+        if self.base.n < self.warmup:
+            self.base.fold(x, step)
+            return []
+        m = sorted(self._recent)[len(self._recent) // 2]
+        d, z = self.base.deviation(m, step, 0.02)
+        shifted = d > self.min_change and z > self.sigmas
+        x_d, x_z = self.base.deviation(x, step, 0.02)
+        if not (x_d > self.min_change and x_z > self.sigmas):
+            self.base.fold(x, step)
+        if self._edge("shift", shifted):
+            return [Alarm(step, self.name, "loss", "", "scalar",
+                          f"median loss of the last {self.window} steps is {math.exp(d):.3g}x the "
+                          f"forecast ({z:.1f} sigma)", math.exp(m))]
+        return []
 
 
 class LossDetector(Detector):
-    """Loss spikes, divergence, plateaus and non-finite losses: the rules of
-    :class:`adaptive_kit.anomaly.SeriesMonitor` on the step's loss (sent at every level)."""
+    """Loss spikes, divergence, non-finite losses and (with ``plateau=True``) plateaus: the
+    rules of :class:`adaptive_kit.anomaly.SeriesMonitor` on the step's loss (sent at every
+    level). The plateau rule is off by default: a converging run slows down on its own, and a
+    real stall shows sooner in the weights (:class:`WeightProgressDetector`)."""
 
     name = "loss"
 
-    def __init__(self, config: SeriesConfig = SeriesConfig()) -> None:
+    def __init__(self, config: SeriesConfig = SeriesConfig(), plateau: bool = False) -> None:
         super().__init__()
         self.monitor = SeriesMonitor("loss", config)
+        self.plateau = plateau
 
     def update(self, step, obs, loss):
         if loss is None:
             return []
         alarms = self.monitor.update(step, loss)
+        if not self.plateau:
+            alarms = [a for a in alarms if a.detector != "plateau"]
         if not math.isfinite(loss):  # the monitor reports every bad step; report the first
             return alarms if self._edge("nonfinite", True) else []
         self._edge("nonfinite", False)
@@ -274,8 +529,9 @@ class DetectorSuite:
     analysis time of every step.
     """
 
-    def __init__(self, detectors: Iterable[Detector]) -> None:
+    def __init__(self, detectors: Iterable[Detector], layers: dict[str, Iterable[str]] | None = None) -> None:
         self.detectors = list(detectors)
+        self.layers = {k: list(v) for k, v in (layers or {}).items()}  # kind -> layers (complete_macro)
         self.alarms: list[Alarm] = []
         self.latency_s: list[float] = []
         self.errors = 0
@@ -283,33 +539,62 @@ class DetectorSuite:
 
     @classmethod
     def standard(cls, param_layers: list[str], relu_layers: Iterable[str],
-                 loss_config: SeriesConfig = SeriesConfig()) -> DetectorSuite:
-        """The standard detectors for a model with these parameter and ReLU layers."""
+                 loss_config: SeriesConfig = SeriesConfig(), act_layers: Iterable[str] | None = None) -> DetectorSuite:
+        """The standard detectors for a model with these parameter, ReLU and activation layers:
+        non-finite values, gradient and activation scale, dying units, weight progress and
+        drift, each against the layer's own history, and the loss's spikes, divergence and
+        shifts. With ``act_layers`` every step's whole-network statistics are completed from
+        whatever mix of levels arrived (:func:`complete_macro`)."""
+        layers = {"grad": param_layers, "weight": param_layers}
+        if act_layers is not None:
+            layers["act"] = list(act_layers)
         return cls([
             NonFiniteDetector(),
-            GradientRatioDetector(param_layers[0], param_layers[-1]),
+            ScaleDetector("grad"),
             DeadReLUDetector(relu_layers),
             ActivationScaleDetector(),
+            WeightProgressDetector(),
+            WeightDriftDetector(),
             LossDetector(loss_config),
-        ])
+            LossShiftDetector(),
+        ], layers)
 
     @classmethod
     def for_telemetry(cls, tel, loss_config: SeriesConfig = SeriesConfig()) -> DetectorSuite:
         """The standard detectors wired to a :class:`~adaptive_kit.telemetry.Telemetry`'s layers."""
-        return cls.standard(tel.param_layers, tel.relu_layers, loss_config)
+        return cls.standard(tel.param_layers, tel.relu_layers, loss_config, tel.layers["act"])
+
+    @property
+    def suspicion(self) -> dict[tuple[str, str], float]:
+        """(kind, layer) -> how close its last look came to an alarm (1: at the threshold)."""
+        out: dict[tuple[str, str], float] = {}
+        for d in self.detectors:
+            for key, v in getattr(d, "suspicion", {}).items():
+                out[key] = max(out.get(key, 0.0), v)
+        return out
+
+    @property
+    def pending(self) -> frozenset[tuple[str, str]]:
+        """(kind, layer)s whose last look was bad but not yet confirmed: worth another look."""
+        return frozenset().union(*(getattr(d, "pending", ()) for d in self.detectors))
 
     def __call__(self, record: StepRecord) -> list[Alarm]:
+        return self.observe(record.step, observations(record), record.loss)
+
+    def observe(self, step: int, obs: list[Observation], loss: float | None) -> list[Alarm]:
+        """Run every detector on one step's observations and loss; return the new alarms."""
         start = time.perf_counter()
-        obs = observations(record)
+        if self.layers:
+            obs = complete_macro(obs, self.layers)
         self.last_observations = obs
         found: list[Alarm] = []
         for d in self.detectors:
             try:
-                found.extend(d.update(record.step, obs, record.loss))
+                found.extend(d.update(step, obs, loss))
             except Exception as e:  # a detector must never break training
                 self.errors += 1
                 if self.errors == 1:
-                    warnings.warn(f"detector {d.name} failed at step {record.step}: {e!r}", stacklevel=2)
+                    warnings.warn(f"detector {d.name} failed at step {step}: {e!r}", stacklevel=2)
         self.latency_s.append(time.perf_counter() - start)
         self.alarms.extend(found)
         return found

@@ -1,21 +1,30 @@
-"""Episodes that train and evaluate level policies reproducibly: small models, bundled digits,
-random faults.
+"""Episodes that train and evaluate level policies reproducibly: any model, any data, injected faults.
 
-An episode is recorded once (:func:`record`): a small model trains on scikit-learn's digits
-with one injected :class:`~adaptive_kit.telemetry.faults.Fault` (or none), and every tensor the
-telemetry could see is kept on the host. A policy is then played against the recording
-(:func:`replay`): each step it picks levels, the step's tensors are aggregated at those levels by
-the collector's own :func:`~adaptive_kit.telemetry.collector.aggregate`, the detectors read the
-result, and the reward counts true and false alarms, bytes and analysis time. Replaying costs
-no training, so a policy can learn from hundreds of episodes in seconds, and every policy is
-judged on exactly the same runs.
+An episode is recorded once (:func:`record`): a model trains with one injected
+:class:`~adaptive_kit.telemetry.faults.Fault` (or none), and every tensor the telemetry could see
+is kept on the host. A policy is then played against the recording (:func:`replay`): each step
+it picks levels, the detectors read exactly what those levels would have sent (meso and macro
+statistics computed once per step and pooled as the collector pools them; raw and micro through
+the collector's own :func:`~adaptive_kit.telemetry.collector.aggregate`), the bytes are the
+collector's Arrow bytes for that plan, and the reward counts true and false alarms and bytes.
+Replaying costs no training, so a policy learns from hundreds of episodes in seconds, and
+every policy is judged on exactly the same runs.
+
+The kit's models are ``"mlp"`` and ``"cnn"`` on bundled digits; a :class:`Workload` brings your
+own model builder and data::
+
+    mine = Workload("wide", lambda: nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)))
+    specs = fault_suite(models=[mine], seeds=(0, 1))
+    traces = record_all(specs)
 """
 from __future__ import annotations
 
 import math
 import random
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 import pandas as pd
@@ -24,59 +33,125 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..anomaly import Alarm
-from ..datasets import digits
+from ..datasets import Split, digits
 from ..devices import seed_everything
-from ..resources import ResourceSampler
-from .collector import KINDS, Telemetry, TelemetryConfig, aggregate, materialise
+from ..stats import batched_stats
+from .collector import KINDS, LEVELS, Telemetry, TelemetryConfig, aggregate, materialise
 from .control import Controller, StateTracker, grad_variance, level_of
-from .detectors import DetectorSuite
-from .faults import FAULT_KINDS, Fault, FaultInjector
+from .detectors import DetectorSuite, Observation, observations, pool_rows
+from .faults import FAULT_KINDS, LAYER_KINDS, Fault, FaultInjector, layer_candidates
 from .policies import Policy, RewardWeights
 
-MODELS: tuple[str, ...] = ("mlp", "cnn")
+
+@cache
+def _digits() -> Split:
+    return digits(seed=0)
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model and the data it trains on: what an episode runs.
+
+    ``build`` makes a fresh model (called after the episode's seed is set); ``data`` returns a
+    :class:`~adaptive_kit.datasets.Split` (x_train, y_train, x_test, y_test). Classification
+    (integer labels, ``n_classes`` >= 2) trains with cross-entropy and reports accuracy;
+    ``n_classes=0`` is regression (mean squared error, no accuracy; label faults are refused).
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    data: Callable[[], Split] = _digits  # bundled digits by default
+    n_classes: int = 10  # 0: regression
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Workload.name must be a non-empty string, got {self.name!r}")
+        if not callable(self.build) or not callable(self.data):
+            raise ValueError(f"Workload {self.name!r}: build and data must be callables")
+        n = self.n_classes
+        if isinstance(n, bool) or not isinstance(n, int) or n == 1 or n < 0:
+            raise ValueError(f"Workload.n_classes must be 0 (regression) or an int >= 2, got {self.n_classes!r}")
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.n_classes:
+            return nn.functional.cross_entropy(out, y)
+        return nn.functional.mse_loss(out.reshape(y.shape), y)
+
+
+WORKLOADS: dict[str, Workload] = {"mlp": Workload("mlp", _mlp), "cnn": Workload("cnn", _cnn)}
+MODELS: tuple[str, ...] = tuple(WORKLOADS)
 
 
 def build_model(name: str) -> nn.Module:
-    """The episode models: ``mlp`` (64-64-32-10, ReLU) and ``cnn`` (two 3x3 convs on 8x8 digits).
+    """The kit's episode models: ``mlp`` (64-64-32-10, ReLU) and ``cnn`` (two 3x3 convs on 8x8 digits).
 
     Raises:
         ValueError: unknown name.
     """
-    if name == "mlp":
-        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    if name == "cnn":
-        return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-                             nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10))
-    raise ValueError(f"build_model(name={name!r}): expected one of {MODELS}")
+    if name not in WORKLOADS:
+        raise ValueError(f"build_model(name={name!r}): expected one of {MODELS}")
+    return WORKLOADS[name].build()
+
+
+def workload(model: str | Workload) -> Workload:
+    """The :class:`Workload` of a name in :data:`MODELS`, or the workload itself.
+
+    Raises:
+        ValueError: an unknown name or something else than a name or a Workload.
+    """
+    if isinstance(model, Workload):
+        return model
+    if isinstance(model, str) and model in WORKLOADS:
+        return WORKLOADS[model]
+    raise ValueError(f"EpisodeSpec.model={model!r}: expected one of {MODELS} or a Workload")
 
 
 @dataclass(frozen=True)
 class EpisodeSpec:
-    model: str = "mlp"  # one of MODELS
+    model: str | Workload = "mlp"  # one of MODELS, or your own Workload
     fault: Fault | None = None  # None: a clean run
     steps: int = 120  # training steps
     batch_size: int = 32  # examples per step
-    lr: float = 0.05  # SGD learning rate
+    lr: float = 0.05  # SGD learning rate (momentum 0.9)
     seed: int = 0  # seeds the initialisation and the batch order
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"EpisodeSpec.model={self.model!r}: expected one of {MODELS}")
+        w = workload(self.model)
         for name in ("steps", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"EpisodeSpec.{name} must be an int >= 1, got {v!r}")
         if self.fault is not None and self.fault.step >= self.steps:
             raise ValueError(f"EpisodeSpec.fault.step={self.fault.step} is not before steps={self.steps}")
+        if self.fault is not None and self.fault.kind in ("label_noise", "label_permute") and not w.n_classes:
+            raise ValueError(f"EpisodeSpec.fault.kind={self.fault.kind!r} needs class labels; "
+                             f"workload {w.name!r} is a regression")
+
+    @property
+    def workload(self) -> Workload:
+        return workload(self.model)
 
     @property
     def label(self) -> str:
-        return f"{self.model}/{self.fault.kind if self.fault else 'clean'}/seed{self.seed}"
+        return f"{self.workload.name}/{self.fault.kind if self.fault else 'clean'}/seed{self.seed}"
+
+
+def _observation(kind: str, layer: str, level: str, row: np.ndarray) -> Observation:
+    return Observation(kind, layer, level, int(row[0]), *(float(v) for v in row[1:]))
 
 
 @dataclass
 class Trace:
-    """A recorded episode: every tensor at every step, the loss and the utilisation."""
+    """A recorded episode: every tensor at every step and the loss, plus replay caches."""
 
     spec: EpisodeSpec
     param_layers: list[str]
@@ -84,20 +159,62 @@ class Trace:
     relu_layers: list[str]
     values: list[dict[tuple[str, str], torch.Tensor]]  # per step: (kind, layer) -> flat values
     losses: np.ndarray  # (steps,)
-    utilisation: np.ndarray  # (steps,) CPU utilisation in percent
-    test_accuracy: float
-    _raw_bytes: dict = field(default_factory=dict, repr=False)
+    test_accuracy: float  # NaN for a regression
+    _cache: dict = field(default_factory=dict, repr=False)
 
-    def raw_bytes(self, config: TelemetryConfig) -> np.ndarray:
-        """Bytes per step that the always-raw plan sends under ``config`` (cached)."""
-        key = (config.window, config.raw_cap)
-        if key not in self._raw_bytes:
-            out = np.zeros(len(self.values))
-            for step in range(len(self.values)):
-                items = [(k, n, "raw", [t]) for (k, n), t in self.values[step].items()]
-                out[step] = sum(materialise(aggregate(step, items, config)).bytes.values())
-            self._raw_bytes[key] = out
-        return self._raw_bytes[key]
+    @property
+    def keys(self) -> list[tuple[str, str]]:
+        """Every (kind, layer) the telemetry can watch, kinds in :data:`KINDS` order."""
+        if "keys" not in self._cache:
+            self._cache["keys"] = sorted(self.values[0], key=lambda k: KINDS.index(k[0]))
+        return self._cache["keys"]
+
+    def stats(self) -> np.ndarray:
+        """Exact statistics, (steps, keys, len(STAT_NAMES)), computed once for all replays."""
+        if "stats" not in self._cache:
+            self._cache["stats"] = np.stack([
+                batched_stats([v[k] for k in self.keys]).numpy() for v in self.values])
+        return self._cache["stats"]
+
+    def bytes_of(self, levels: dict[tuple[str, str], str], config: TelemetryConfig) -> int:
+        """Arrow bytes one step sends with these levels (the collector's own batches)."""
+        sig = (config.window, config.raw_cap, tuple(levels[k] for k in self.keys))
+        cache = self._cache.setdefault("bytes", {})
+        if sig not in cache:
+            items = [(k, n, lv, [self.values[0][(k, n)]]) for (k, n), lv in levels.items() if lv != "off"]
+            cache[sig] = sum(materialise(aggregate(0, items, config, torch.tensor(0.0))).bytes.values())
+        return cache[sig]
+
+    def sampled(self, step: int, key: tuple[str, str], level: str, config: TelemetryConfig) -> Observation:
+        """The estimate a raw or micro record of ``key`` at ``step`` gives (cached)."""
+        sig = (step, key, level, config.window, config.raw_cap)
+        cache = self._cache.setdefault("sampled", {})
+        if sig not in cache:
+            rec = materialise(aggregate(step, [(*key, level, [self.values[step][key]])], config))
+            cache[sig] = observations(rec)[0]
+        return cache[sig]
+
+    def observe(self, step: int, levels: dict[tuple[str, str], str],
+                config: TelemetryConfig) -> list[Observation]:
+        """What the detectors see at ``step`` when each (kind, layer) is at ``levels[key]``."""
+        stats = self.stats()[step]
+        out: list[Observation] = []
+        macro: dict[str, list[int]] = {}
+        for i, key in enumerate(self.keys):
+            lv = levels[key]
+            if lv == "meso":
+                out.append(_observation(*key, "meso", stats[i]))
+            elif lv == "macro":
+                macro.setdefault(key[0], []).append(i)
+            elif lv != "off":
+                out.append(self.sampled(step, key, lv, config))
+        for kind, idx in macro.items():
+            out.append(_observation(kind, "*", "macro", pool_rows(stats[idx])))
+        return out
+
+    def raw_bytes(self, config: TelemetryConfig) -> float:
+        """Bytes per step that the always-raw plan sends under ``config``."""
+        return float(self.bytes_of({k: "raw" for k in self.keys}, config))
 
 
 @dataclass
@@ -109,24 +226,20 @@ class Run:
     suite: DetectorSuite
     controller: Controller | None
     losses: np.ndarray  # (steps,) training loss per step
-    test_accuracy: float
+    test_accuracy: float  # NaN for a regression
 
 
-def run(spec: EpisodeSpec, levels: str | dict = "meso", *, policy: Policy | None = None,
-        config: TelemetryConfig = TelemetryConfig(), on_record=None, progress: bool = False) -> Run:
-    """Train ``spec``'s model live with telemetry, detectors and, if given, a policy setting levels.
-
-    ``on_record(record, alarms, observations)`` is called for every step's :class:`StepRecord`
-    once it is on the host, with the detectors' alarms and :class:`Observation` s (a panel
-    streams its plots from here). Levels start at ``levels``; a ``policy``
-    then sets them every step through a :class:`Controller`.
-    """
+def _train(spec: EpisodeSpec, tel_levels: str | dict | None, *, policy: Policy | None = None,
+           config: TelemetryConfig = TelemetryConfig(), on_record=None, on_start=None,
+           on_backward=None, progress: bool = False):
+    """The one training loop of live runs and recordings: seeded, fault injected, telemetry on."""
+    w = spec.workload
     seed_everything(spec.seed)
-    data = digits(seed=0)
-    model = build_model(spec.model)
+    data = w.data()
+    model = w.build()
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)
-    injector = FaultInjector(spec.fault, model, opt, n_classes=10)
-    tel = Telemetry(model, levels, config=config)
+    injector = FaultInjector(spec.fault, model, opt, n_classes=w.n_classes or None)
+    tel = Telemetry(model, tel_levels or "off", config=config)
     controller = Controller(tel, policy, steps_total=spec.steps) if policy is not None else None
     suite = controller.suite if controller is not None else DetectorSuite.for_telemetry(tel)
     inner = controller if controller is not None else suite
@@ -138,6 +251,8 @@ def run(spec: EpisodeSpec, levels: str | dict = "meso", *, policy: Policy | None
         return alarms
 
     tel.on_record = handle
+    if on_start is not None:
+        on_start(tel)
     g = torch.Generator().manual_seed(spec.seed)
     losses = torch.zeros(spec.steps)
     for step in tqdm(range(spec.steps), desc=spec.label, disable=not progress, leave=False):
@@ -145,37 +260,74 @@ def run(spec: EpisodeSpec, levels: str | dict = "meso", *, policy: Policy | None
         idx = torch.randint(0, len(data.x_train), (spec.batch_size,), generator=g)
         x, y = injector.batch(step, data.x_train[idx], data.y_train[idx])
         with tel.step(step):
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = w.loss(model(x), y)
             tel.log_loss(loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             injector.after_backward(step)
+        if on_backward is not None:
+            on_backward(step, tel)
         opt.step()
         losses[step] = loss.detach()
     tel.close()
     with torch.no_grad():
-        acc = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
+        out = model(data.x_test)
+        acc = float((out.argmax(1) == data.y_test).float().mean()) if w.n_classes else math.nan
     return Run(spec, tel, suite, controller, losses.numpy(), acc)
 
 
+def run(spec: EpisodeSpec, levels: str | dict = "meso", *, policy: Policy | None = None,
+        config: TelemetryConfig = TelemetryConfig(), on_record=None, progress: bool = False) -> Run:
+    """Train ``spec``'s model live with telemetry, detectors and, if given, a policy setting levels.
+
+    ``on_record(record, alarms, observations)`` is called for every step's :class:`StepRecord`
+    once it is on the host, with the detectors' alarms and :class:`Observation` s (a panel
+    streams its plots from here). Levels start at ``levels``; a ``policy``
+    then sets them every step through a :class:`Controller`.
+    """
+    return _train(spec, levels, policy=policy, config=config, on_record=on_record, progress=progress)
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    return model if name == "<root>" else model.get_submodule(name)
+
+
 def record(spec: EpisodeSpec) -> Trace:
-    """Train ``spec``'s model with its fault and keep every tensor the telemetry could see."""
-    sampler = ResourceSampler()
+    """Train ``spec``'s model with its fault and keep every tensor the telemetry could see.
+
+    The tensors are read beside the collector (which runs with every level off): gradients and
+    weights after the backward pass, each watched module's output in the forward pass.
+    """
     values: list[dict[tuple[str, str], torch.Tensor]] = []
-    util: list[float] = []
+    acts: dict[str, torch.Tensor] = {}
+    hooks = []
 
-    def keep(record, _alarms, _obs) -> None:
-        raw = record.batches["raw"]
-        flat = torch.from_numpy(raw.column("values").values.to_numpy(zero_copy_only=False).copy())
-        offsets = raw.column("values").offsets.to_numpy()
-        names = zip(raw.column("kind").to_pylist(), raw.column("layer").to_pylist())
-        values.append({key: flat[offsets[i]:offsets[i + 1]] for i, key in enumerate(names)})
-        util.append(sampler.sample()["util_percent"][0])
+    def start(tel: Telemetry) -> None:
+        for layer in tel.layers["act"]:
+            def grab(_m, _i, out, layer=layer):
+                if isinstance(out, torch.Tensor):
+                    acts[layer] = out.detach().reshape(-1).float().clone()
+            hooks.append(_module(tel.model, layer).register_forward_hook(grab))
 
-    r = run(spec, "raw", config=TelemetryConfig(raw_cap=2**31 - 1), on_record=keep)
-    r.tel.records.clear()
-    return Trace(spec, list(r.tel.param_layers), list(r.tel.layers["act"]), list(r.tel.relu_layers),
-                 values, r.losses, np.array(util), r.test_accuracy)
+    def keep(_step: int, tel: Telemetry) -> None:
+        now = {}
+        for layer in tel.param_layers:
+            params = list(_module(tel.model, layer).parameters(recurse=False))
+            now[("grad", layer)] = torch.cat([p.grad.detach().reshape(-1).float() if p.grad is not None
+                                              else torch.zeros(p.numel()) for p in params])
+            now[("weight", layer)] = torch.cat([p.detach().reshape(-1).float() for p in params])
+        for layer in tel.layers["act"]:
+            now[("act", layer)] = acts.pop(layer, torch.zeros(0))
+        values.append(now)
+
+    try:
+        r = _train(spec, None, on_start=start, on_backward=keep)
+    finally:
+        for h in hooks:
+            h.remove()
+    tel = r.tel
+    return Trace(spec, list(tel.param_layers), list(tel.layers["act"]), list(tel.relu_layers),
+                 values, r.losses, r.test_accuracy)
 
 
 @dataclass
@@ -190,9 +342,11 @@ class EpisodeResult:
     detection_step: int | None
     bytes: float
     raw_bytes: float
+    macro_bytes: float  # what static macro sends on the same episode
+    steps: int
     latency_ms: float  # mean analysis time per step
     reward: float
-    level_steps: dict[str, int]  # how many (kind x step) slots used each level
+    level_steps: dict[str, int]  # how many (kind x layer x step) slots used each level
 
     @property
     def detected(self) -> bool:
@@ -205,60 +359,79 @@ class EpisodeResult:
 
 def replay(trace: Trace, policy: Policy, *, config: TelemetryConfig = TelemetryConfig(),
            weights: RewardWeights = RewardWeights(), learn: bool = False) -> EpisodeResult:
-    """Play ``policy`` against a recorded episode; learn from the rewards if ``learn``."""
-    suite = DetectorSuite.standard(trace.param_layers, trace.relu_layers)
-    tracker = StateTracker(len(trace.values))
+    """Play ``policy`` against a recorded episode; learn from the rewards if ``learn``.
+
+    An alarm at or after the fault step is true, any other false.
+    """
+    suite = DetectorSuite.standard(trace.param_layers, trace.relu_layers, act_layers=trace.act_layers)
+    tracker = StateTracker(len(trace.values), trace.keys)
     raw = trace.raw_bytes(config)
+    macro = float(trace.bytes_of({k: "macro" for k in trace.keys}, config))
     fault = trace.spec.fault
     policy.reset()
     state = tracker.state
     true = false = 0
     detection = None
     total_bytes = reward = 0.0
-    level_steps = {lv: 0 for lv in ("off", "macro", "meso", "micro", "raw")}
-    for step, tensors in enumerate(trace.values):
+    level_steps = {lv: 0 for lv in LEVELS}
+    for step in range(len(trace.values)):
         plan = policy.act(state)
-        items = []
-        for (kind, layer), t in tensors.items():
-            level = level_of(plan, kind, layer)
-            if level != "off":
-                items.append((kind, layer, level, [t]))
-        for kind in KINDS:
-            level_steps[plan["kinds"][kind]] += 1
-        rec = materialise(aggregate(step, items, config, torch.tensor(trace.losses[step])))
-        alarms = suite(rec)
-        sent = sum(rec.bytes.values())
+        levels = {key: level_of(plan, *key) for key in trace.keys}
+        for lv in levels.values():
+            level_steps[lv] += 1
+        obs = trace.observe(step, levels, config)
+        pending_before = suite.pending
+        alarms = suite.observe(step, obs, float(trace.losses[step]))
+        sent = trace.bytes_of(levels, config)
         total_bytes += sent
-        t_ok = [a for a in alarms if fault is not None and step >= fault.step]
-        true += len(t_ok)
-        false += len(alarms) - len(t_ok)
+        active = fault is not None and step >= fault.step
+        t_ok = len(alarms) if active else 0
+        true += t_ok
+        false += len(alarms) - t_ok
         if t_ok and detection is None:
             detection = step
-        rows = sum(b.num_rows for b in rec.batches.values())
-        values = sum(len(b.column("values").values) for lv, b in rec.batches.items() if lv in ("raw", "micro"))
-        r = weights.reward(len(t_ok), len(alarms) - len(t_ok), sent / raw[step], weights.analysis_ms(rows, values))
+        found = len(suite.pending - pending_before)
+        rows = len(obs)
+        values = sum(trace.values[step][k].numel() for k, lv in levels.items() if lv in ("raw", "micro"))
+        r = weights.reward(t_ok, len(alarms) - t_ok, sent / macro - 1.0, weights.analysis_ms(rows, values),
+                           found if active else -found)
         reward += r
-        next_state = tracker.update(step, alarms, grad_variance(suite), rec.loss, trace.utilisation[step])
+        looked = [k for k, lv in levels.items() if lv in ("meso", "micro", "raw")]
+        next_state = tracker.update(step, alarms, grad_variance(suite), float(trace.losses[step]),
+                                    looked=looked, suspicion=suite.suspicion, pending=suite.pending)
         if learn:
             policy.learn(state, plan, r, next_state)
         state = next_state
+    steps = len(trace.values)
     return EpisodeResult(trace.spec.label, policy.name, fault.kind if fault else "clean",
                          fault.step if fault else None, suite.alarms, true, false, detection,
-                         total_bytes, float(raw.sum()), 1e3 * statistics.fmean(suite.latency_s), reward,
-                         level_steps)
+                         total_bytes, raw * steps, macro * steps, steps, 1e3 * statistics.fmean(suite.latency_s),
+                         reward, level_steps)
 
 
-def fault_suite(models=MODELS, kinds=FAULT_KINDS, seeds=(0, 1), steps: int = 120,
-                clean_per_seed: int = 1) -> list[EpisodeSpec]:
-    """Every model x fault kind x seed, the fault at a seeded random step in the middle half,
-    plus ``clean_per_seed`` clean runs per model and seed."""
+def _layer_choices(w: Workload, kind: str) -> list[str]:
+    """Layers a layer fault of ``kind`` may target in ``w``'s model (not the output layer for
+    faults whose units must die behind a ReLU)."""
+    names = layer_candidates(w.build(), kind)
+    return names[:-1] if kind in ("dead_units", "dead_relu") and len(names) > 1 else names
+
+
+def fault_suite(models: Sequence[str | Workload] = MODELS, kinds: Sequence[str] = FAULT_KINDS,
+                seeds: Sequence[int] = (0, 1), steps: int = 120, clean_per_seed: int = 1) -> list[EpisodeSpec]:
+    """Every model x fault kind x seed, the fault at a seeded random step in the middle half (and
+    a layer fault in a seeded random layer), plus ``clean_per_seed`` clean runs per model and
+    seed; the first clean run of a model and seed is the faulty runs' clean twin."""
     specs = []
     for model in models:
+        w = workload(model)
         for seed in seeds:
-            rng = random.Random(f"{model}-{seed}")
+            rng = random.Random(f"{w.name}-{seed}")
             for kind in kinds:
+                if kind in ("label_noise", "label_permute") and not w.n_classes:
+                    continue
                 at = rng.randrange(steps // 4, 3 * steps // 4)
-                specs.append(EpisodeSpec(model, Fault(kind, at, seed=seed), steps, seed=seed))
+                layer = rng.choice(_layer_choices(w, kind)) if kind in LAYER_KINDS else None
+                specs.append(EpisodeSpec(model, Fault(kind, at, layer=layer, seed=seed), steps, seed=seed))
             for c in range(clean_per_seed):
                 specs.append(EpisodeSpec(model, None, steps, seed=seed + 1000 * c))
     return specs
@@ -295,7 +468,8 @@ def evaluate(policy: Policy, traces: list[Trace], *, config: TelemetryConfig = T
 
 def summarize(results: list[EpisodeResult]) -> dict[str, float]:
     """Recall (faulty episodes with a true alarm), precision (true alarms / all alarms), the
-    fraction of clean episodes with any alarm, median detection delay, and bytes against raw."""
+    fraction of clean episodes with any alarm, median detection delay, and bytes against
+    always-raw and static macro on the same episodes."""
     faulty = [r for r in results if r.fault != "clean"]
     clean = [r for r in results if r.fault == "clean"]
     true = sum(r.true_alarms for r in results)
@@ -307,7 +481,8 @@ def summarize(results: list[EpisodeResult]) -> dict[str, float]:
         "clean_false_alarm_rate": sum(r.false_alarms > 0 for r in clean) / len(clean) if clean else math.nan,
         "median_delay": float(np.median(delays)) if delays else math.nan,
         "bytes_vs_raw": sum(r.bytes for r in results) / sum(r.raw_bytes for r in results),
-        "bytes_per_step": sum(r.bytes for r in results) / max(1, sum(sum(r.level_steps.values()) // 3 for r in results)),
+        "bytes_vs_macro": sum(r.bytes for r in results) / sum(r.macro_bytes for r in results),
+        "bytes_per_step": sum(r.bytes for r in results) / max(1, sum(r.steps for r in results)),
         "latency_ms": statistics.fmean(r.latency_ms for r in results),
     }
 

@@ -26,9 +26,35 @@ kind               what it does (default magnitude)                  detector it
                                                                      loss spike
 ``input_noise``    Gaussian noise of std 3.0 added to the inputs     abnormal activation scale,
                    from ``step`` on                                  higher loss
-``plateau``        every param group's lr multiplied by 1e-4, kept   plateau
+``plateau``        every param group's lr multiplied by 1e-4, kept   weight progress (stall)
                    from ``step`` on
 =================  ================================================  ===========================
+
+The *quiet* faults below touch one layer or one part of each batch, so that statistics pooled
+over the whole network (``macro``) barely move while the layer's own statistics (``meso`` and
+finer) do; they are what makes granularity matter:
+
+=======================  ==========================================  ===========================
+kind                     what it does (default magnitude)            detector it exercises
+=======================  ==========================================  ===========================
+``layer_grad_vanish``    the layer's gradients multiplied by 1e-3    per-layer gradient scale
+                         after every backward from ``step`` on
+``layer_grad_explode``   the layer's gradients multiplied by 30      per-layer gradient scale
+                         after every backward from ``step`` on
+``dead_units``           a fraction (0.25) of the layer's output     per-layer zero fraction /
+                         units killed once: their incoming weights   activation scale
+                         zeroed, their bias set to -1
+``weight_drift``         the layer's weight multiplied by 0.97       per-layer weight progress
+                         before every step from ``step`` on
+``label_permute``        a fraction (0.5) of each batch's labels     loss
+                         shifted to the next class from ``step`` on
+``input_corrupt``        a fraction (0.25) of each batch's rows      activation scale, loss
+                         replaced by Gaussian noise of std 3
+``lr_ramp``              every param group's lr multiplied by 1.15   weight progress, loss
+                         before every step from ``step`` on
+``stall``                every gradient set to zero after every      gradient scale, weight
+                         backward from ``step`` on (a frozen run)    progress
+=======================  ==========================================  ===========================
 
 The gradient thresholds are AUTOTRAINER's: gradients explode when the first layer's gradient
 norm exceeds 70x the last layer's, and vanish when it is below 1e-3x.
@@ -82,7 +108,10 @@ from torch import Tensor, nn
 FAULT_KINDS: tuple[str, ...] = (
     "nan_batch", "inf_grad", "lr_spike", "exploding_init", "vanishing",
     "dead_relu", "label_noise", "input_scale", "input_noise", "plateau",
+    "layer_grad_vanish", "layer_grad_explode", "dead_units", "weight_drift", "label_permute",
+    "input_corrupt", "lr_ramp", "stall",
 )
+QUIET_KINDS: tuple[str, ...] = FAULT_KINDS[10:]  # one layer or part of a batch: macro barely moves
 
 DEFAULT_MAGNITUDES: dict[str, float] = {
     "nan_batch": 0.1,  # fraction of the batch's input entries set to NaN (at least one)
@@ -95,13 +124,27 @@ DEFAULT_MAGNITUDES: dict[str, float] = {
     "input_scale": 100.0,  # input factor (> 0, != 1)
     "input_noise": 3.0,  # std of the added Gaussian noise (> 0)
     "plateau": 1e-4,  # learning-rate factor, in (0, 1)
+    "layer_grad_vanish": 1e-3,  # gradient factor per step, in (0, 1)
+    "layer_grad_explode": 30.0,  # gradient factor per step (> 1)
+    "dead_units": 0.25,  # fraction of the layer's output units killed (at least one)
+    "weight_drift": 0.97,  # weight factor per step, in (0, 1) shrinks, > 1 grows
+    "label_permute": 0.5,  # fraction of each batch's labels shifted by one class
+    "input_corrupt": 0.25,  # fraction of each batch's rows replaced by noise (at least one)
+    "lr_ramp": 1.15,  # learning-rate factor per step (> 1)
+    "stall": 0.0,  # gradient factor per step; 0 freezes the run, in [0, 1)
 }
 
-BATCH_KINDS = frozenset({"nan_batch", "label_noise", "input_scale", "input_noise"})
-LR_KINDS = frozenset({"lr_spike", "plateau"})
-LAYER_KINDS = frozenset({"inf_grad", "exploding_init", "vanishing", "dead_relu"})
-MODEL_KINDS = LR_KINDS | {"exploding_init", "vanishing", "dead_relu"}  # applied by before_step
-_FRACTION_KINDS = frozenset({"nan_batch", "inf_grad", "label_noise"})
+BATCH_KINDS = frozenset({"nan_batch", "label_noise", "input_scale", "input_noise", "label_permute",
+                         "input_corrupt"})
+LR_KINDS = frozenset({"lr_spike", "plateau", "lr_ramp"})
+LAYER_KINDS = frozenset({"inf_grad", "exploding_init", "vanishing", "dead_relu", "layer_grad_vanish",
+                         "layer_grad_explode", "dead_units", "weight_drift"})
+MODEL_KINDS = LR_KINDS | {"exploding_init", "vanishing", "dead_relu", "dead_units", "weight_drift"}
+GRAD_KINDS = frozenset({"inf_grad", "layer_grad_vanish", "layer_grad_explode", "stall"})  # after_backward
+LABEL_KINDS = frozenset({"label_noise", "label_permute"})  # need n_classes
+REPEATED_KINDS = frozenset({"weight_drift", "lr_ramp", "layer_grad_vanish", "layer_grad_explode", "stall"})
+_FRACTION_KINDS = frozenset({"nan_batch", "inf_grad", "label_noise", "dead_units", "label_permute",
+                             "input_corrupt"})
 
 # Valid magnitudes per kind, with the phrase used in the error message.
 _VALID: dict[str, tuple[str, Callable[[float], bool]]] = {
@@ -113,6 +156,11 @@ _VALID: dict[str, tuple[str, Callable[[float], bool]]] = {
     "dead_relu": ("< 0", lambda m: m < 0),
     "input_scale": ("> 0 and != 1", lambda m: m > 0 and m != 1),
     "input_noise": ("> 0", lambda m: m > 0),
+    "layer_grad_vanish": ("in (0, 1)", lambda m: 0 < m < 1),
+    "layer_grad_explode": ("> 1", lambda m: m > 1),
+    "weight_drift": ("> 0 and != 1", lambda m: m > 0 and m != 1),
+    "lr_ramp": ("> 1", lambda m: m > 1),
+    "stall": ("in [0, 1)", lambda m: 0 <= m < 1),
 }
 
 
@@ -175,15 +223,30 @@ def _is_linear_or_conv(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and _weighted(module)
 
 
+_LAYER_RULES: dict[str, tuple[Callable[[nn.Module], bool], str]] = {
+    "dead_relu": (_has_bias, "weight and bias parameters"),
+    "dead_units": (_has_bias, "weight and bias parameters"),
+    "vanishing": (_is_scalable, "a weight parameter of 2 or more dimensions"),
+    "weight_drift": (_is_scalable, "a weight parameter of 2 or more dimensions"),
+}
+
+
+def layer_candidates(model: nn.Module, kind: str) -> list[str]:
+    """Names of the layers of ``model`` that a layer fault of ``kind`` can act on, in order."""
+    usable, _ = _LAYER_RULES.get(kind, (_weighted, ""))
+    return [n for n, mod in model.named_modules() if n and usable(mod)]
+
+
 class FaultInjector:
     """Applies one :class:`Fault` (or None for a clean run) to a model, its optimiser and its batches.
 
     Call :meth:`before_step`, :meth:`batch` and :meth:`after_backward` at the places shown in
     the module docstring, every step; each does nothing for faults of another kind or before
     ``fault.step``. Model and optimiser changes are made once, at the first
-    :meth:`before_step` with ``step >= fault.step``; ``nan_batch`` and ``inf_grad`` fire once,
-    at their first call with ``step >= fault.step``; the other batch faults act on every batch
-    from ``fault.step`` on. Random choices come from a generator on the tensors' device seeded
+    :meth:`before_step` with ``step >= fault.step``, except the repeated ones (``weight_drift``,
+    ``lr_ramp``), which act at every step from then on; ``nan_batch`` and ``inf_grad`` fire
+    once, at their first call with ``step >= fault.step``; the other batch and gradient faults
+    act on every step from ``fault.step`` on. Random choices come from a generator on the tensors' device seeded
     from ``(fault.seed, step)``, so a step's corruption does not depend on earlier calls.
 
     Raises:
@@ -211,9 +274,9 @@ class FaultInjector:
         if fault.kind in LR_KINDS and optimizer is None:
             raise ValueError(f"FaultInjector.optimizer is None: fault kind {fault.kind!r} changes "
                              "the learning rate and needs the optimiser")
-        if fault.kind == "label_noise" and (not _is_int(n_classes) or n_classes < 2):
+        if fault.kind in LABEL_KINDS and (not _is_int(n_classes) or n_classes < 2):
             raise ValueError("FaultInjector.n_classes must be an int >= 2 for fault kind "
-                             f"'label_noise', got {n_classes!r}")
+                             f"{fault.kind!r}, got {n_classes!r}")
         if fault.kind in LAYER_KINDS:
             self._layer = self._resolve_layer(fault)
 
@@ -241,15 +304,18 @@ class FaultInjector:
         if f is None or f.kind not in BATCH_KINDS or not self.active(step):
             return x, y
         m = f.strength
-        if f.kind == "label_noise":
+        if f.kind in LABEL_KINDS:
             if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-                raise ValueError(f"FaultInjector.batch: label_noise needs integer class labels, "
+                raise ValueError(f"FaultInjector.batch: {f.kind} needs integer class labels, "
                                  f"got y.dtype={y.dtype}")
             g = self._generator(y.device, step)
             n = y.numel()
             k = round(m * n)
             idx = torch.randperm(n, generator=g, device=y.device)[:k]
-            new = torch.randint(0, self.n_classes, (k,), generator=g, device=y.device, dtype=y.dtype)
+            if f.kind == "label_noise":
+                new = torch.randint(0, self.n_classes, (k,), generator=g, device=y.device, dtype=y.dtype)
+            else:  # label_permute: a systematic error, the next class
+                new = (y.flatten()[idx] + 1) % self.n_classes
             return x, y.flatten().index_copy(0, idx, new).view_as(y)
         if not x.is_floating_point():
             raise ValueError(f"FaultInjector.batch: fault kind {f.kind!r} needs floating inputs, "
@@ -259,6 +325,11 @@ class FaultInjector:
         if f.kind == "input_noise":
             g = self._generator(x.device, step)
             return x + m * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype), y
+        if f.kind == "input_corrupt":  # some rows (examples) become noise; the rest are intact
+            g = self._generator(x.device, step)
+            rows = torch.randperm(x.shape[0], generator=g, device=x.device)[:max(1, round(m * x.shape[0]))]
+            noise = 3.0 * torch.randn((len(rows), *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
+            return x.index_copy(0, rows, noise), y
         # nan_batch: one poisoned batch is enough; SGD carries the NaN into every weight
         if self._fired:
             return x, y
@@ -274,15 +345,22 @@ class FaultInjector:
         f = self.fault
         if f is None or f.kind not in MODEL_KINDS or self._fired or not self.active(step):
             return
-        self._fired = True
+        self._fired = f.kind not in REPEATED_KINDS
         m = f.strength
         if f.kind in LR_KINDS:
             for group in self.optimizer.param_groups:
                 group["lr"] = group["lr"] * m
-        elif f.kind == "exploding_init":
+        elif f.kind in ("exploding_init", "weight_drift"):
             self._module(self._layer).weight.mul_(m)
         elif f.kind == "dead_relu":
             self._module(self._layer).bias.add_(m)
+        elif f.kind == "dead_units":  # no input reaches them, a negative bias: a ReLU after is 0
+            module = self._module(self._layer)
+            units = module.weight.shape[0]
+            g = self._generator(module.weight.device, step)
+            idx = torch.randperm(units, generator=g, device=module.weight.device)[:max(1, round(m * units))]
+            module.weight[idx] = 0.0
+            module.bias[idx] = -1.0
         else:  # vanishing: the layer and every weighted layer registered after it
             names = [n for n, mod in self.model.named_modules() if _is_scalable(mod)]
             for name in names[names.index(self._layer):]:
@@ -290,14 +368,23 @@ class FaultInjector:
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
-        """Write +Inf into the layer's weight gradient, once, for an ``inf_grad`` fault.
+        """Change gradients: +Inf into the layer's weight gradient once (``inf_grad``); the
+        layer's gradients scaled (``layer_grad_vanish``, ``layer_grad_explode``) or every
+        gradient scaled (``stall``) at every step.
 
         Raises:
             RuntimeError: the layer's weight has no gradient when the fault should fire
                 (call this after ``loss.backward()``).
         """
         f = self.fault
-        if f is None or f.kind != "inf_grad" or self._fired or not self.active(step):
+        if f is None or f.kind not in GRAD_KINDS or self._fired or not self.active(step):
+            return
+        if f.kind in REPEATED_KINDS:
+            params = self.model.parameters() if f.kind == "stall" else \
+                self._module(self._layer).parameters(recurse=False)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(f.strength)
             return
         weight = self._module(self._layer).weight
         if weight.grad is None:
@@ -317,11 +404,8 @@ class FaultInjector:
         return self.model.get_submodule(name)
 
     def _resolve_layer(self, fault: Fault) -> str:
-        usable, what = {
-            "dead_relu": (_has_bias, "weight and bias parameters"),
-            "vanishing": (_is_scalable, "a weight parameter of 2 or more dimensions"),
-        }.get(fault.kind, (_weighted, "a weight parameter"))
-        valid = [n for n, mod in self.model.named_modules() if usable(mod)]
+        usable, what = _LAYER_RULES.get(fault.kind, (_weighted, "a weight parameter"))
+        valid = layer_candidates(self.model, fault.kind)
         if fault.layer is None:
             for name, mod in self.model.named_modules():
                 if _is_linear_or_conv(mod) and usable(mod):
