@@ -229,8 +229,9 @@ def partial(x: torch.Tensor, moments: bool = True, extrema: bool = False,
     flat = x.numpy().reshape(-1)  # a view when contiguous
     if n <= whole:  # small: reduced exactly with the other samples by rows_of
         return Partial(n, None, None, None, None, None, flat.copy())
-    sq = float(np.dot(flat, flat))  # one pass: exact norm, and a NaN / Inf anywhere propagates
-    total = (float(x.sum()) if n > LARGE else float(flat.sum())) if moments else None
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf: counted exactly below
+        sq = float(np.dot(flat, flat))  # one pass: exact norm, and a NaN / Inf anywhere propagates
+        total = (float(x.sum()) if n > LARGE else float(flat.sum())) if moments else None
     lo = hi = var = None
     if extrema:
         lo, hi = float(flat.min()), float(flat.max())
@@ -250,6 +251,11 @@ def rows_of(partials: Sequence[Partial]) -> np.ndarray:
         return np.empty((0, len(STAT_NAMES)))
     k = np.array([p.sample.size for p in partials])
     starts = np.concatenate([[0], np.cumsum(k)[:-1]])
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf of small tensors: handled below
+        return _rows_of(partials, k, starts)
+
+
+def _rows_of(partials: Sequence[Partial], k: np.ndarray, starts: np.ndarray) -> np.ndarray:
     buf = np.concatenate([p.sample for p in partials])
     b64 = buf.astype(np.float64)
     s_sum = np.add.reduceat(b64, starts)
@@ -264,16 +270,15 @@ def rows_of(partials: Sequence[Partial]) -> np.ndarray:
         sq = np.where(whole, s_sq, sq)
         total = np.where(whole, s_sum, total)
     total = np.where(np.isnan(total), s_sum * n / k, total)  # no exact sum: the sample's mean
-    with np.errstate(invalid="ignore"):
-        mean = total / n
-        var = sq / n - mean * mean
+    mean = total / n
+    var = sq / n - mean * mean
     out = np.stack([n, mean, var, s_lo, s_hi, np.sqrt(sq), np.zeros_like(n), zeros / k], axis=1)
     for i, p in enumerate(partials):
         if p.lo is not None:
             out[i, 3], out[i, 4] = p.lo, p.hi
         if p.var is not None:
             out[i, 2] = p.var
-        elif not math.isfinite(s_sum[i] + sq[i]):  # a NaN / Inf in a whole (small) tensor
+        elif not (math.isfinite(s_sum[i]) and math.isfinite(sq[i])):  # a NaN / Inf in a whole (small) tensor
             out[i] = small_stats([torch.from_numpy(p.sample)])[0]
             out[i, 2] = out[i, 2] ** 2
         elif out[i, 2] < (1e-8 if whole[i] else WELL_CONDITIONED) * sq[i] / n[i]:
@@ -346,10 +351,10 @@ def small_stats(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     lengths = np.array([arrays[i].size for i in keep])
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     x = np.concatenate([arrays[i] for i in keep], dtype=np.float64)
-    total = np.add.reduceat(x, starts)
-    sq = np.add.reduceat(x * x, starts)
     n = lengths.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
+        total = np.add.reduceat(x, starts)
+        sq = np.add.reduceat(x * x, starts)
         mean = total / n
         var = sq / n - mean * mean  # float64 moments of float32 (or float64) entries
         # NaN / Inf anywhere, or a variance the one-pass formula cannot resolve: mask and two passes

@@ -16,13 +16,18 @@ from torch import nn
 from adaptive_kit.stats import (
     CHUNK,
     EMA,
+    SAMPLE,
+    SMALL,
     STAT_INDEX,
     STAT_NAMES,
     HostCopy,
     MovingWindow,
     batched_stats,
+    fast_stats,
     layer_stats,
     module_tensors,
+    small_stats,
+    tensor_stats,
 )
 
 SETTINGS = settings(
@@ -408,3 +413,115 @@ def test_moving_window_shape_mismatch_and_empty():
     win.push(torch.zeros(2))
     with pytest.raises(ValueError, match=r"\(3,\)"):
         win.push(torch.zeros(3))
+
+
+# ------------------------------------------------------------- fast_stats, tensor_stats (CPU)
+def sample_of(v: np.ndarray, cap: int = SAMPLE) -> np.ndarray:
+    return v[:: math.ceil(v.size / cap)] if v.size > cap else v
+
+
+def fast_oracle(t: torch.Tensor, moments: bool, extrema: bool, cap: int) -> np.ndarray:
+    """What fast_stats documents: exact counts and norm; mean and std exact with ``moments``
+    (else the sample's mean); extremes exact with ``extrema`` (else the sample's); zero_frac of
+    the sample; every statistic exact where the tensor holds a NaN / Inf."""
+    exp = oracle([t])
+    if exp[STAT_INDEX["nonfinite"]] or t.numel() == 0:
+        return exp
+    v = t.detach().to(torch.float64).reshape(-1).numpy()
+    smp = sample_of(v, cap)
+    exp[STAT_INDEX["zero_frac"]] = np.mean(smp == 0)
+    if not extrema:
+        exp[STAT_INDEX["min"]], exp[STAT_INDEX["max"]] = smp.min(), smp.max()
+    if not moments and smp.size < v.size:
+        m, sq = smp.mean(), float(np.mean(v * v))
+        exp[STAT_INDEX["mean"]] = m
+        exp[STAT_INDEX["std"]] = math.sqrt(sq - m * m if sq - m * m >= sq / 16 else smp.var())
+    return exp
+
+
+def assert_close_row(got, exp, where: str) -> None:
+    for name in ("count", "nonfinite"):
+        assert got[STAT_INDEX[name]] == exp[STAT_INDEX[name]], f"{name}: {where}"
+    mag = np.abs(exp[[STAT_INDEX["min"], STAT_INDEX["max"]]])
+    scale = float(np.nanmax(mag)) if np.isfinite(mag).any() else 0.0
+    np.testing.assert_allclose(got, exp, rtol=2e-5, atol=2e-5 * scale + 1e-30, equal_nan=True, err_msg=where)
+
+
+big_arrays = st.tuples(
+    st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64]),
+    st.sampled_from([(1,), (7,), (5, 3), (SMALL + 1,), (3, 2000), (64, 130), (2, 3, 40, 50)]),
+    st.floats(-3.0, 3.0),  # offset (in units of the spread): near-constant tensors too
+    st.sampled_from([0.0, 0.3, 1.0]),  # fraction of exact zeros
+    st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from(SPECIALS[:3])), max_size=3),
+    st.integers(0, 2**16),
+)
+
+
+def make_tensor(case) -> torch.Tensor:
+    dtype, shape, offset, zeros, specials, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) + 10 ** offset
+    x = torch.where(torch.rand(shape, generator=gen, dtype=torch.float64) < zeros, 0.0, x)
+    flat = x.reshape(-1)
+    for pos, value in specials:  # anywhere, sampled or not
+        flat[int(pos * flat.numel())] = value
+    if dtype == torch.int64:
+        return (x * 100).nan_to_num(0.0, 0.0, 0.0).to(torch.int64)
+    return x.to(dtype)
+
+
+@SETTINGS
+@given(case=big_arrays, moments=st.booleans(), extrema=st.booleans(), cap=st.sampled_from([1, 64, SAMPLE]))
+def test_fast_stats_matches_its_documented_oracle(case, moments, extrema, cap):
+    t = make_tensor(case)
+    got = np.array(fast_stats(t, extrema=extrema, sample=cap, moments=moments))
+    exp = fast_oracle(t.to(torch.float64) if t.dtype != torch.float32 else t, moments, extrema, cap)
+    assert_close_row(got, exp, f"{t.dtype} {tuple(t.shape)}")
+    # a single NaN / Inf anywhere is counted exactly, whatever the sample
+    assert got[STAT_INDEX["nonfinite"]] == (~torch.isfinite(t.double())).sum().item()
+
+
+@SETTINGS
+@given(cases=st.lists(big_arrays, min_size=1, max_size=5), extrema=st.booleans())
+def test_tensor_stats_rows_are_fast_stats_rows_small_tensors_exact(cases, extrema):
+    ts = [make_tensor(c) for c in cases]
+    got = tensor_stats(ts, extrema=extrema)
+    assert got.shape == (len(ts), len(STAT_NAMES)) and got.dtype == torch.float64
+    for i, t in enumerate(ts):
+        if t.numel() <= SMALL:  # exact, as batched_stats (float64 here: tighter than float32)
+            assert_close_row(got[i].numpy(), oracle([t]), f"small {i}")
+        else:
+            exp = fast_oracle(t, True, extrema, SAMPLE)
+            assert_close_row(got[i].numpy(), exp, f"large {i}")
+
+
+def test_fast_stats_precise_std_of_a_near_constant_tensor():
+    gen = torch.Generator().manual_seed(0)
+    x = (1e4 + 1e-2 * torch.randn(100_000, generator=gen, dtype=torch.float64)).float()
+    row = fast_stats(x)
+    exp = x.double().numpy().std()
+    assert row[STAT_INDEX["std"]] == pytest.approx(exp, rel=1e-2)  # float32 input rounding: 1e-3 of 1e4
+
+
+def test_fast_stats_rejects_other_devices_and_bad_samples():
+    with pytest.raises(ValueError, match="meta"):
+        fast_stats(torch.empty(3, device="meta"))
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=rf"sample={bad!r}"):
+            fast_stats(torch.ones(3), sample=bad)
+    with pytest.raises(ValueError, match="at least one tensor"):
+        tensor_stats([])
+
+
+def test_tensor_stats_off_the_cpu_is_batched_stats():
+    got = tensor_stats([torch.empty(300, device="meta"), torch.empty(2, 2, device="meta")])
+    assert got.device.type == "meta" and got.shape == (2, 8)
+
+
+def test_small_stats_equals_the_numpy_oracle_with_specials():
+    nan, inf = math.nan, math.inf
+    ts = [torch.tensor([nan, inf, -inf]), torch.empty(0), torch.tensor([0.0, -0.0, 3.0, -4.0, nan]),
+          torch.tensor([True, False]), 1e4 + torch.arange(5.0) * 1e-3]
+    got = small_stats(ts)
+    for i, t in enumerate(ts):
+        np.testing.assert_allclose(got[i], oracle([t]), rtol=1e-9, atol=1e-12, equal_nan=True, err_msg=str(i))
