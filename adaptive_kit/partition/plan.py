@@ -221,13 +221,18 @@ def refine(g: nx.DiGraph, plan: GraphPlan, speeds: Sequence[float] | None = None
 
 def best_plan(g: nx.DiGraph, k: int, speeds: Sequence[float] | None = None,
               bandwidth: float = float("inf"), cost: str = "time_s", *, tries: int = 16,
-              small: int = 300, seed: int = 0) -> GraphPlan:
+              small: int = 300, seed: int = 0, tol: float = 0.0) -> GraphPlan:
     """The best valid plan we can find: every candidate order cut exactly, then refined.
 
     Candidates are :func:`partition_graph`'s three topological orders, plus ``tries`` seeded
     random ones on graphs of at most ``small`` nodes (where each costs a few milliseconds).
     With a finite ``bandwidth`` the plans are not refined (refine does not re-price traffic).
+    With ``tol`` > 0 a later candidate replaces the current one only when its bottleneck is
+    lower by more than that fraction: near-ties go to the earlier candidate (a fixed order), so
+    noise in the costs does not flip the plan between equivalent ones.
     """
+    if not (isinstance(tol, (int, float)) and 0 <= tol < 1):
+        raise ValueError(f"best_plan: tol must be in [0, 1), got {tol!r}")
     _check(g, cost)
     check_speeds(speeds, k, "best_plan", bandwidth)
     orders = _orders(g)
@@ -238,7 +243,7 @@ def best_plan(g: nx.DiGraph, k: int, speeds: Sequence[float] | None = None,
         plan = _cut(g, order, k, speeds, bandwidth, cost)
         if not np.isfinite(bandwidth):
             plan = refine(g, plan, speeds, cost)
-        if best is None or plan.bottleneck_s < best.bottleneck_s * (1 - 1e-12):
+        if best is None or plan.bottleneck_s < best.bottleneck_s * (1 - max(tol, 1e-12)):
             best = plan
     return best
 
@@ -377,13 +382,13 @@ def plan_model(model, example, k: int, speeds: Sequence[float] | None = None,
     g = model_graph(gm, example, reps=reps, fallback=fallback)
     cm = CostModel.fit(g, profile_batch(example))
     snap(cm.annotate(g, disagree=2.0), grid)
-    plan = best_plan(g, k, speeds, bandwidth, "cost_s")
+    plan = best_plan(g, k, speeds, bandwidth, "cost_s", tol=grid / 4)
     splits: dict[str, int] = {}
     if split and g.graph.get("granularity") == "operation":
         for node, parts in dominant_linears(gm, g, k, "cost_s").items():
             gm2 = split_linear(gm, node, parts)
             g2 = snap(cm.annotate(model_graph(gm2, example, reps=reps), disagree=2.0), grid)  # the join is measured too
-            plan2 = best_plan(g2, k, speeds, bandwidth, "cost_s")
+            plan2 = best_plan(g2, k, speeds, bandwidth, "cost_s", tol=grid / 4)
             if plan2.bottleneck_s < plan.bottleneck_s:
                 gm, g, plan, splits[node] = gm2, g2, plan2, parts
     return ModelPlan(gm, g, plan, cm, splits)

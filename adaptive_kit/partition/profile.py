@@ -138,9 +138,10 @@ class CostModel:
         per-operation overhead keeps its measurement, scaled to the batch like the model's
         estimate: the model smooths the small, noisy operations, and a large one is priced by
         what it was seen to take (a concatenation moves many bytes yet costs little). With
-        ``disagree`` (e.g. 2), such a node keeps its measurement only when it differs from the
-        model's estimate by more than that factor either way: a mispriced operation, not noise,
-        so the costs (and the plans made from them) do not move with timing noise.
+        ``disagree`` (e.g. 2), the measurement takes over gradually: not at all while it is
+        within that factor of the model's estimate (noise), fully beyond its square (a mispriced
+        operation), geometrically blended between, so no node's cost jumps between two values
+        when its timing wobbles around a threshold (and plans made from the costs do not).
         """
         work = self.reference if batch is None else (batch.work if isinstance(batch, BatchProfile) else float(batch))
         ratio = work / self.reference
@@ -150,11 +151,15 @@ class CostModel:
             fixed = self.overhead_s + self.s_per_param_byte * d.get("param_bytes", 0.0)
             seen = d.get(measured, 0.0) if measured else 0.0
             at_ref = fixed + scaled
-            mispriced = disagree is None or not (at_ref / disagree <= seen <= at_ref * disagree)
-            if seen > trust * self.overhead_s and mispriced:
-                out[v] = seen * (fixed + ratio * scaled) / at_ref if at_ref > 0 else seen
+            model = fixed + ratio * scaled
+            if seen > trust * self.overhead_s and at_ref > 0 and disagree is not None and disagree > 1:
+                off = abs(np.log(seen / at_ref)) / np.log(disagree)  # 1 at the factor, 2 at its square
+                w = float(np.clip(off - 1.0, 0.0, 1.0))
+                out[v] = model * (seen / at_ref) ** w
+            elif seen > trust * self.overhead_s:
+                out[v] = seen * model / at_ref if at_ref > 0 else seen
             else:
-                out[v] = fixed + ratio * scaled
+                out[v] = model
         return out
 
     def annotate(self, g: nx.DiGraph, batch: BatchProfile | float | None = None, key: str = "cost_s",
