@@ -24,7 +24,7 @@ from adaptive_kit.training import TrainConfig
 
 TRAIN = TrainConfig(lr=0.05, momentum=0.9, batch_size=16, steps=29)
 TRAIN27 = replace(TRAIN, steps=27)  # post-local SGD (4, 10) averages after 10, 14, 18, 22, 26
-SPEC = sp.speculative(period=4)
+SPEC = sp.speculative(period=4, reconcile_threshold=0.9)  # under the workers' own spread: rolls back
 NAN_SGD = sp.local_sgd(4)  # worker 1 poisoned after step 5: caught by the average after step 8
 NAN_DDP = replace(sp.ddp(), health_every=4)  # caught in the gradient all-reduce of step 6
 

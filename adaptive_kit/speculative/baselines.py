@@ -26,7 +26,7 @@ from .engine import SpecConfig
 from .model import Task
 from .regions import ManagerConfig
 
-_FIXED = dict(adaptive=False, adapt_period=False, speculate=False, control_every=0)
+_FIXED = dict(adaptive=False, adapt_period=False, speculate=False, control_every=0, drift_correction=0.0)
 
 
 def ddp() -> SpecConfig:

@@ -58,6 +58,8 @@ class SpecConfig:
     warmup: int = 0  # steps with every region Global first (post-local SGD's warm-up)
     outer_lr: float = 1.0  # outer step on the averaged pseudo-gradient (DiLoCo: 0.7)
     outer_momentum: float = 0.0  # its Nesterov momentum (DiLoCo: 0.9)
+    drift_correction: float = 1.0  # subtract this share of each worker's own drift (its update minus the
+    #                                averaged one, per step) from its gradients until the next average
     sketch: int = 16  # count-sketch buckets per region for the control statistics
     health_every: int = 32  # steps between reads of the workers' non-finite flags (and repairs)
 
@@ -71,6 +73,8 @@ class SpecConfig:
             raise ValueError(f"SpecConfig.reconcile_threshold must be >= 0, got {self.reconcile_threshold!r}")
         if not 0 < self.outer_lr <= 2:
             raise ValueError(f"SpecConfig.outer_lr must be in (0, 2], got {self.outer_lr!r}")
+        if not 0 <= self.drift_correction <= 1:
+            raise ValueError(f"SpecConfig.drift_correction must be in [0, 1], got {self.drift_correction!r}")
         if not 0 <= self.outer_momentum < 1:
             raise ValueError(f"SpecConfig.outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
         profile(self.network)
@@ -95,6 +99,7 @@ class Engine:
         self.K, self.W = comm.world, comm.local
         self.theta = self.model.flat().to(device).expand(self.W, -1).clone()  # (W, N)
         self.mom = torch.zeros_like(self.theta)
+        self.corr = torch.zeros_like(self.theta) if config.drift_correction else None
         names, self.region_of = region_index(self.model.names, self.model.sizes, config.regions)
         self.region_of = self.region_of.to(device)
         self.R = len(names)
@@ -265,10 +270,17 @@ class Engine:
         delta = self.anchor[idx] - mean_w
         self.outer_buf[idx] = self.cfg.outer_momentum * self.outer_buf[idx] + delta
         self.anchor[idx] -= self.cfg.outer_lr * (delta + self.cfg.outer_momentum * self.outer_buf[idx])
+        drift = (mean_w - local) if self.corr is not None else None
         self.theta[:, idx] = self.anchor[idx]
         ev = torch.cat([(u2 - prog).clamp_min(0), prog, roll.sum(0).float()]).double().cpu().numpy()  # one host copy
         if nu:
             self.manager.observe_sync(regions, ev[:nu], ev[nu: 2 * nu], pend["steps"])
+        if drift is not None:  # SCAFFOLD's control variate from what every worker already holds: its
+            # own update minus the averaged one, per step (momentum's gain 1 / (1 - momentum) taken out)
+            per_step = torch.as_tensor(1.0 / np.maximum(pend["steps"], 1), dtype=torch.float32,
+                                       device=self.device)[seg]
+            self.corr[:, idx] = (self.cfg.drift_correction * (1 - self.train.momentum) / self.train.lr
+                                 * drift * per_step)
         if pend["n_ctrl"] > nu:
             self._apply_control(mean[0, n + nu:], step)
         target = self.p_target
@@ -328,6 +340,8 @@ class Engine:
             self.ctrl_wanted = True  # rides on the next collective, so it adds no latency
         # every average starts on a multiple of its period (powers of two of the base): they nest
         on_time = (t >= cfg.warmup) & ((t - cfg.warmup) % self.period == 0)
+        if self.corr is not None:
+            g = g - self.corr
         due = (on_time | self.force) & np.array([len(s) > 0 for s in self.sidx])
         ng = len(self.gidx)
         ctrl = self._control(loss, g) if self.ctrl_wanted and (ng or due.any()) else None

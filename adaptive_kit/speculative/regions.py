@@ -110,6 +110,7 @@ class RegionManager:
         self.state = [_state_of(self.config.initial_p)] * r
         self.mult = np.ones(r, dtype=int)
         self.drift = np.full(r, np.nan)  # EMA of the harmful drift h
+        self.bias = np.full(r, np.nan)  # EMA of the systematic share b of the drift, in [0, 1]
         self.spread = np.full(r, np.nan)  # EMA of the workers' spread per step (reconciliation's scale)
         self._noise = np.full(r, np.nan)  # EMA of the per-step disagreement x
         self._fresh = np.zeros(r, bool)  # averaged since the last decision
@@ -169,8 +170,10 @@ class RegionManager:
         x = self._noise[regions]
         x = np.where(np.isfinite(x) & (x > 0), x, r * steps)  # no sketch yet: count it all as bias
         bias = np.where(steps > 1, (r * steps / x - 1) / np.maximum(steps - 1, 1), 1.0)
-        h = r * np.clip(bias, 0.0, 1.0)
+        bias = np.clip(bias, 0.0, 1.0)
+        h = r * bias
         ok = np.isfinite(h)
+        self.bias[regions[ok]] = self._blend(self.bias[regions[ok]], bias[ok], cfg.fast)
         self.drift[regions[ok]] = self._blend(self.drift[regions[ok]], h[ok], cfg.fast)
         self.spread[regions] = self._blend(self.spread[regions], spread / steps, cfg.slow)
         self._fresh[regions] = True
