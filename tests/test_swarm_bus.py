@@ -162,3 +162,22 @@ def test_collector_latency_is_receipt_minus_report_time():
         c.drain(1, timeout_s=5.0)
         assert len(c.latencies) == 1
         assert 2000 <= c.latency_percentiles()["p50_ms"] < 4000
+
+
+def test_drain_names_the_producer_that_never_closed():
+    with Collector() as c:
+        c.expect(["rank0", "rank1"])
+        closed, open_ = c.sink("rank0"), c.sink("rank1", heartbeat_s=0.1)
+        send(closed, [row(0, 0)])
+        send(open_, [row(1, 0)])
+        closed.close()
+        t0 = time.monotonic()
+        with pytest.warns(UserWarning, match=r"producers \['rank1'\] did not close"):
+            got = c.drain(["rank0", "rank1"], timeout_s=1.0)
+        assert 0.9 <= time.monotonic() - t0 < 5
+        assert got.missing == ["rank1"] and got.silent == [] and len(got) == 2
+        open_.close()  # its heartbeats stop; its end message arrives
+        assert c.drain(["rank0", "rank1"], timeout_s=5).complete
+        producers = c.producers()
+    assert producers["ended"].tolist() == [True, True]
+    assert producers["lost"].tolist() == [0, 0] and producers["missing"].tolist() == [[], []]
