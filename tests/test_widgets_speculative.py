@@ -26,7 +26,7 @@ def panel() -> SpeculativePanel:
     panel.workers.value = K
     panel.steps.value = STEPS
     panel.reconcile.value = 0.2
-    panel.div_threshold.value = 0.25
+    panel.hurt.value = 2.5
     panel.period.value = 4
     panel.run_button.click()
     return panel
@@ -42,7 +42,7 @@ def test_run_trains_ours_and_both_anchors_with_the_controls(panel):
     for r in panel.results.values():
         assert r.workers == K and len(r.history) == STEPS
     ours = panel.configs()["ours"]
-    assert ours.reconcile_threshold == 0.2 and ours.period == 4 and ours.manager.div_threshold == 0.25
+    assert ours.reconcile_threshold == 0.2 and ours.period == 4 and ours.manager.hurt == 2.5
     assert panel.configs()["local SGD"].period == 4
     assert not panel.run_button.disabled and "DDP" in panel.status.value
 
@@ -83,14 +83,22 @@ def test_bytes_view_matches_the_runs(panel):
         panel.results["ours"].bytes_per_worker()["total"] / panel.results["DDP"].bytes_per_worker()["total"])
 
 
-def test_network_profile_reprices_without_training(panel):
+def test_network_profile_replans_ours_and_reprices_the_anchors(panel):
     results, runs = dict(panel.results), panel.runs
     panel.network.value = "lan"
     lan = list(panel.time_source.data["seconds"])
+    lan_ours = panel.results["ours"]
+    assert panel.configs()["ours"].network == "lan" and panel.runs == runs + 1
     panel.network.value = "wan"
     wan = list(panel.time_source.data["seconds"])
-    assert panel.runs == runs and all(panel.results[k] is r for k, r in results.items())
-    assert all(b > a for a, b in zip(lan, wan)), (lan, wan)  # every run sends something
+    assert panel.runs == runs + 2 and panel.configs()["ours"].network == "wan"
+    # the anchors do not depend on the network: re-priced, not retrained
+    assert all(panel.results[k] is r for k, r in results.items() if k != "ours")
+    assert all(b > a for a, b in zip(lan[1:], wan[1:])), (lan, wan)  # every run sends something
+    # the regions react: planned for LAN, a layer may take the global gradient every step; for WAN never
+    assert (panel.results["ours"].p > 0).all() and lan_ours.p.shape == panel.results["ours"].p.shape
+    assert np.array_equal(np.asarray(panel.heatmap.source.data["p"]).reshape(panel.results["ours"].p.shape),
+                          panel.results["ours"].p)
     assert "wan" in panel.time_fig.title.text and "simulated s (wan)" in panel.table.value
     timed = priced(panel.results)
     assert wan == pytest.approx([r.simulated_time("wan")[-1] for r in timed.values()])
@@ -126,17 +134,17 @@ def test_widgets_clamp_out_of_range_values():
     assert panel.alpha.value == pytest.approx(0.01)
     panel.alpha.value = 1e9
     assert panel.alpha.value == pytest.approx(100.0)
-    for slider in (panel.reconcile, panel.div_threshold, panel.var_threshold):
+    for slider in (panel.reconcile, panel.hurt, panel.loosen):
         slider.value = -3.0
-        assert slider.value == 0.0
-        slider.value = 7.0
-        assert slider.value == 1.0
+        assert slider.value == slider.min
+        slider.value = 70.0
+        assert slider.value == slider.max
     panel.steps.value = 1
     assert panel.steps.value == 10
     panel.period.value = 0
     assert panel.period.value == 1
     ours = panel.configs()["ours"]  # whatever the sliders hold is a valid configuration
-    assert ours.reconcile_threshold == 1.0 and ours.period == 1
+    assert ours.reconcile_threshold == 5.0 and ours.period == 1 and ours.manager.loosen < ours.manager.hurt
 
 
 def test_widgets_reject_unknown_choices_and_bad_arguments():

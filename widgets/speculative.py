@@ -23,6 +23,7 @@ from .common import LivePlot, Panel, control_row, panel_layout
 METHODS = ("ours", "DDP", "local SGD")  # the panel's three runs, in the order they train
 COLORS = dict(zip(METHODS, Category10_10))  # the same colour for a method in every plot
 TARGET_RATIO = 1.05  # time to target: the first evaluation at <= 1.05 x DDP's final test loss
+TASKS = {"digits": sp.digits_task, "sequence": sp.sequence_task, "regression": sp.regression_task}
 
 
 def _heatmap_figure(source: ColumnDataSource, regions: Sequence[str], *, title: str, width: int,
@@ -197,6 +198,13 @@ def reconciliation_bars(result: sp.RunResult, *, width: int = 360, height: int =
     return fig
 
 
+def state_shares(result: sp.RunResult) -> dict[str, float]:
+    """Share of region-steps spent Global, Hybrid and Full in a run."""
+    p = result.p
+    return {sp.GLOBAL: float((p == 0).mean()), sp.HYBRID: float(((p > 0) & (p < 1)).mean()),
+            sp.FULL: float((p == 1).mean())}
+
+
 def tagged_outputs(result: sp.RunResult) -> tuple[int, int]:
     """(kept, recomputed): tagged worker-step outputs kept after reconciliation, and recomputed."""
     h = result.history
@@ -219,8 +227,8 @@ class SpeculativePanel(Panel):
     def __init__(self, task: str = "digits", *, workers: int = 8, steps: int = 300, alpha: float = 0.1,
                  period: int = 8, network: str = "wan", lr: float = 0.05, momentum: float = 0.9,
                  batch_size: int = 32, seed: int = 0, min_interval_s: float = 0.5) -> None:
-        if task not in ("digits", "sequence"):
-            raise ValueError(f"SpeculativePanel(task={task!r}): expected 'digits' or 'sequence'")
+        if task not in TASKS:
+            raise ValueError(f"SpeculativePanel(task={task!r}): expected one of {sorted(TASKS)}")
         self.task_name, self.seed = task, seed
         self.train_config = TrainConfig(lr=lr, momentum=momentum, batch_size=batch_size, steps=steps, seed=seed)
         defaults = sp.speculative()
@@ -228,12 +236,12 @@ class SpeculativePanel(Panel):
         self.workers = w.IntSlider(value=workers, min=2, max=max(32, workers), description="workers K", **slider)
         self.alpha = w.FloatLogSlider(value=alpha, base=10, min=-2, max=2, step=0.1,
                                       description="skew (Dirichlet α)", **slider)
-        self.reconcile = w.FloatSlider(value=defaults.reconcile_threshold, min=0.0, max=1.0, step=0.01,
-                                       description="reconcile threshold", **slider)
-        self.div_threshold = w.FloatSlider(value=defaults.manager.div_threshold, min=0.0, max=1.0, step=0.01,
-                                           description="divergence threshold", **slider)
-        self.var_threshold = w.FloatSlider(value=defaults.manager.var_threshold, min=0.0, max=1.0, step=0.01,
-                                           description="variance threshold", **slider)
+        self.reconcile = w.FloatSlider(value=defaults.reconcile_threshold, min=0.0, max=5.0, step=0.1,
+                                       description="reconcile (× usual spread)", **slider)
+        self.hurt = w.FloatSlider(value=defaults.manager.hurt, min=1.0, max=10.0, step=0.1,
+                                  description="drift that hurts", **slider)
+        self.loosen = w.FloatSlider(value=defaults.manager.loosen, min=0.01, max=0.99, step=0.01,
+                                    description="drift to loosen", **slider)
         self.period = w.IntSlider(value=period, min=1, max=max(128, period), description="sync period",
                                   **slider)
         self.steps = w.IntSlider(value=steps, min=10, max=max(2000, steps), step=10, description="steps",
@@ -273,12 +281,12 @@ class SpeculativePanel(Panel):
         self.task: sp.Task | None = None
         self.results: dict[str, sp.RunResult] = {}
         self.runs = 0
-        self.network.observe(lambda _: self.redraw_time(), names="value")
+        self.network.observe(lambda _: self.replan(), names="value")
         self.run_button.on_click(lambda _: self.run())
         self.widget = panel_layout(
             "Speculative training",
             [self.workers, self.alpha, self.steps, self.period],
-            [control_row(self.reconcile, self.div_threshold, self.var_threshold),
+            [control_row(self.reconcile, self.hurt, self.loosen),
              control_row(self.network, self.run_button, self.status),
              control_row(self.heatmap.widget, self.loss_plot.widget),
              control_row(self.test_plot.widget, self.bytes_widget, self.time_widget),
@@ -288,15 +296,14 @@ class SpeculativePanel(Panel):
     # -- what the controls describe ------------------------------------------------------------
     def make_task(self) -> sp.Task:
         """The task the controls describe: K non-IID shards with Dirichlet(alpha) labels."""
-        make = sp.digits_task if self.task_name == "digits" else sp.sequence_task
+        make = TASKS[self.task_name]
         return make(workers=int(self.workers.value), alpha=float(self.alpha.value), seed=self.seed)
 
     def configs(self) -> dict[str, sp.SpecConfig]:
-        """Ours with the panel's thresholds and period, and the two anchors at the same period."""
-        manager = sp.ManagerConfig(var_threshold=float(self.var_threshold.value),
-                                   div_threshold=float(self.div_threshold.value))
+        """Ours with the panel's thresholds, period and network plan, and the two anchors at the same period."""
+        manager = sp.ManagerConfig(hurt=float(self.hurt.value), loosen=float(self.loosen.value))
         ours = sp.speculative(manager=manager, reconcile_threshold=float(self.reconcile.value),
-                              period=int(self.period.value))
+                              period=int(self.period.value), network=self.network.value)
         return {"ours": ours, "DDP": sp.ddp(), "local SGD": sp.local_sgd(int(self.period.value))}
 
     def eval_every(self) -> int:
@@ -344,6 +351,27 @@ class SpeculativePanel(Panel):
                   f"period={self.period.value} reconcile={self.reconcile.value:.2f} | final test loss "
                   + ", ".join(f"{k} {r.final_test_loss:.3f}" for k, r in self.results.items()))
         return self.results
+
+    def replan(self) -> None:
+        """The network changed: ours plans for it (Global layers only where a per-step all-reduce
+        hides behind compute), so ours trains again on the same task with a live heatmap; the
+        anchors do not depend on the network and are only re-priced."""
+        if not self.results or self.task is None:
+            return
+        train = replace(self.train_config, steps=int(self.steps.value))
+        self.heatmap.clear()
+        self.status.value = f"re-planning <b>ours</b> for <b>{html.escape(self.network.value)}</b>…"
+        with self.out:
+            ours = sp.train(self.task, self.configs()["ours"], train, eval_every=self.eval_every(),
+                            method="ours", on_step=self._on_step, progress=True)
+        self.heatmap.flush()
+        self.results = {"ours": ours} | {k: r for k, r in self.results.items() if k != "ours"}
+        self.runs += 1
+        self._draw_runs()
+        self.redraw_time()
+        self.status.value = (f"ours planned for {html.escape(self.network.value)}: "
+                             f"{self.bytes_ratio():.1%} of DDP's bytes, states " + ", ".join(
+                                 f"{k} {v:.0%}" for k, v in state_shares(ours).items()))
 
     def _on_step(self, step: int, eng: sp.Engine) -> None:
         """Stream one step of ours: its p per region (host numpy) and its mean training loss."""
@@ -395,7 +423,7 @@ class SpeculativePanel(Panel):
         for name, r in priced(self.results).items():
             sent = r.bytes_per_worker()
             rows[name] = {"final test loss": r.final_test_loss,
-                          "test accuracy": float(r.evals["test_accuracy"].iloc[-1]),
+                          "test accuracy": float(r.evals["test_accuracy"].iloc[-1]),  # NaN: regression
                           "payload bytes": sent["payload"], "control bytes": sent["control"],
                           "bytes vs DDP": sent["total"] / self.results["DDP"].bytes_per_worker()["total"],
                           f"simulated s ({net})": float(r.simulated_time(net)[-1]),
@@ -421,7 +449,8 @@ class SpeculativePanel(Panel):
                "s to target": "{:,.2f}", "rollback rate": "{:.1%}"}
         shown = table.copy().astype(object)
         for col, f in fmt.items():
-            shown[col] = [f.format(v) if math.isfinite(v) else "never" for v in table[col]]
+            shown[col] = [f.format(v) if math.isfinite(v) else "—" if math.isnan(v) else "never"
+                          for v in table[col]]
         self.table.value = (f"<b>target</b>: test loss ≤ {self.target():.3f} ({TARGET_RATIO}× DDP's final); "
                             f"one compute time per step for every run<br>" + shown.to_html(border=0))
 
