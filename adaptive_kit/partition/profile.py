@@ -70,19 +70,17 @@ _FEATURES = ("flops", "act_bytes", "param_bytes")
 
 
 def _robust_nnls(x: np.ndarray, y: np.ndarray, rounds: int = 3, cut: float = 3.0) -> np.ndarray:
-    """Non-negative least squares in relative error, refitted without outliers.
+    """Non-negative least squares, refitted without outliers.
 
-    Each measured node weighs by 1 / its time, so a hundred small operations are fitted as well
-    as the few large ones; after each fit, nodes whose log ratio of measured to predicted time is
-    more than ``cut`` robust deviations (MAD) from the median are left out and the fit repeated:
-    one disturbed timing cannot pull the coefficients (and so every node's cost) with it.
+    After each fit, nodes whose log ratio of measured to predicted time is more than ``cut``
+    robust deviations (MAD) from the median are left out and the fit repeated: one disturbed
+    timing cannot pull the coefficients (and so every node's cost) with it.
     """
     keep = y > 0
     scale = np.maximum(x.max(axis=0), 1e-30)
     coef = np.zeros(x.shape[1])
     for _ in range(rounds):
-        w = 1.0 / y[keep]
-        sol, _ = nnls((x[keep] / scale) * w[:, None], y[keep] * w)
+        sol, _ = nnls(x[keep] / scale, y[keep])
         coef = sol / scale
         pred = np.maximum(x @ coef, 1e-12)
         r = np.log(np.maximum(y, 1e-12) / pred)
