@@ -354,8 +354,41 @@ def test_one_batch_per_level_in_use_and_bytes_match_the_sink():
     assert tel.bytes["micro"] == 0 and tel.bytes["raw"] > tel.bytes["meso"] > tel.bytes["macro"] > 0
     assert sink.bytes == sum(tel.bytes.values())
     assert sink.rows == sum(b.num_rows for b in sink.batches) == 3 * (3 + 1 + 5 + 1)  # + the loss
-    for rec in tel.records:  # the loss rides in the coarsest batch of the step
+    for rec in tel.records:  # the loss rides in the coarsest batch of statistics of the step
         assert [(r["kind"], r["level"]) for r in loss_rows(rec)] == [("loss", "macro")]
+
+
+@pytest.mark.parametrize("levels, where", [
+    ("raw", "macro"), ("micro", "macro"), ("meso", "meso"), ("macro", "macro"), ("off", "macro"),
+    ({"grad": "raw", "weight": "meso", "act": "off"}, "meso"),
+    ({"grad": "raw", "weight": "meso", "act": "macro"}, "macro"),
+])
+def test_the_loss_row_is_in_the_sink_among_rows_of_statistics(levels, where):
+    model = make_mlp()
+    sink = MemorySink("t")
+    tel = Telemetry(model, levels, sink=sink)
+    losses = [float(run_step(tel, model, step)) for step in range(2)]
+    run_step(tel, model, 2, log_loss=False)
+    tel.close()
+    frame = sink.to_pandas()  # one table: the loss rows share the telemetry schema
+    rows = frame[frame.kind == "loss"]
+    assert list(rows.step) == [0, 1] and set(rows.level) == {where} and set(rows.layer) == {"*"}
+    np.testing.assert_allclose(rows["mean"], losses, rtol=1e-6)
+    assert list(rows["count"]) == [1, 1] and list(rows["nonfinite"]) == [0, 0]
+    assert rows["values"].isna().all() and (rows["std"] == 0).all()
+    assert [r.loss is None for r in tel.records] == [False, False, True]
+    assert tel.bytes == {lv: sum(r.bytes.get(lv, 0) for r in tel.records) for lv in LEVELS[1:]}
+
+
+def test_a_non_finite_loss_is_counted_in_its_row():
+    model = make_mlp()
+    tel = Telemetry(model, "meso")
+    with tel.step(0):
+        tel.log_loss(torch.tensor(math.nan))
+    tel.close()
+    (row,) = loss_rows(tel.records[-1])
+    assert row["nonfinite"] == 1 and row["count"] == 1 and math.isnan(row["mean"]) and row["norm"] == 0
+    assert math.isnan(tel.records[-1].loss)
 
 
 # ---------------------------------------------------------------------------- changing levels

@@ -405,7 +405,8 @@ def materialise(p: _Pending, rank: int = 0) -> StepRecord:
     """Wait for a step's copies and turn them into one record batch per level.
 
     A logged loss travels as one more row (``kind="loss"``, ``layer="*"``, its statistics as
-    of a one-entry tensor) in the coarsest batch the step sends, or alone in a macro batch.
+    of a one-entry tensor, no values) in the step's macro batch, else in its meso batch, else
+    alone in a macro batch: always among rows of statistics, never among rows of values.
     """
     f64 = p.f64.wait().numpy() if p.f64 is not None else np.empty(0)
     f32 = p.f32.wait().numpy() if p.f32 is not None else None
@@ -423,7 +424,7 @@ def materialise(p: _Pending, rank: int = 0) -> StepRecord:
         by_level.setdefault(level, []).append(i)
     loss_level = None
     if loss is not None:
-        loss_level = next((lv for lv in LEVELS[1:] if lv in by_level), "macro")
+        loss_level = "meso" if "meso" in by_level and "macro" not in by_level else "macro"
         by_level.setdefault(loss_level, [])
     batches, sizes = {}, {}
     for level in LEVELS[1:]:
