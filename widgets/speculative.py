@@ -151,6 +151,24 @@ def loss_vs_bytes(results: Mapping[str, sp.RunResult], *, title: str = "test los
     return fig
 
 
+def final_loss_vs_bytes(sweeps: Mapping[str, Sequence[sp.RunResult]], *,
+                        title: str = "final test loss against bytes sent (one point per setting)",
+                        width: int = 640, height: int = 320):
+    """Each method's sweep of settings as a curve of final test loss against bytes per worker."""
+    fig = figure(title=title, width=width, height=height, x_axis_type="log", tools="pan,wheel_zoom,reset,save",
+                 x_axis_label="bytes sent per worker", y_axis_label="final test loss")
+    for i, (name, runs) in enumerate(sweeps.items()):
+        pts = sorted((r.bytes_per_worker()["total"], r.final_test_loss) for r in runs)
+        color = Category10_10[i % 10]
+        if len(pts) > 1:
+            fig.line([x for x, _ in pts], [y for _, y in pts], color=color, line_width=2, legend_label=name)
+        fig.scatter([x for x, _ in pts], [y for _, y in pts], color=color, size=10, legend_label=name,
+                    marker="star" if name == "ours" else "circle")
+    fig.legend.location = "top_right"
+    fig.legend.click_policy = "hide"
+    return fig
+
+
 def priced(results: Mapping[str, sp.RunResult]) -> dict[str, sp.RunResult]:
     """The runs with one shared compute time per step (the smallest measured), so that simulated
     times differ by communication and recompute only, not by when each run's calibration ran."""

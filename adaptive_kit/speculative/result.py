@@ -76,3 +76,19 @@ class NotReached(float):
         return f"not reached (target {self.target:.4g}, best test loss {self.best:.4g})"
 
     __str__ = __repr__
+
+
+def loss_at_bytes(sweep: list[RunResult], nbytes: float) -> float:
+    """A method's final test loss at ``nbytes`` per worker, read off its sweep of runs (one per
+    setting) by linear interpolation in log(bytes); below the sweep's cheapest run, that run's loss
+    (which favours the method), above its dearest, the dearest's.
+
+    Raises:
+        ValueError: the sweep is empty or ``nbytes`` is not > 0.
+    """
+    if not sweep:
+        raise ValueError("loss_at_bytes: the sweep is empty")
+    if not nbytes > 0:
+        raise ValueError(f"loss_at_bytes(nbytes={nbytes!r}): expected > 0")
+    pts = sorted((float(np.log(r.bytes_per_worker()["total"])), r.final_test_loss) for r in sweep)
+    return float(np.interp(np.log(nbytes), [x for x, _ in pts], [y for _, y in pts]))
