@@ -635,3 +635,75 @@ def test_combine_stats_of_float32_rows_and_empty_groups():
 def test_combine_stats_rejects_bad_shapes(values, group, needle):
     with pytest.raises(ValueError, match=needle):
         combine_stats(values, group, 1)
+
+
+# ---------------------------------------------------------------------------- exact non-finite counts
+class Poison(nn.Module):
+    """Writes NaN / Inf into its input at fixed flat positions (off the sampled stride)."""
+
+    def __init__(self, where: dict[int, float]) -> None:
+        super().__init__()
+        self.where = where
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        for i, v in self.where.items():
+            x.view(-1)[i] = v
+        return x
+
+
+class SideNet(nn.Sequential):
+    """Linear "0" -> ReLU "2" -> Linear "3"; "1" poisons a copy of "0"'s output on a side branch
+    (its output is not used, so the NaN reaches no gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(64, 256), Poison({1: math.nan, 3: math.inf}), nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self[0](x)
+        self[1](h)
+        return self[3](self[2](h))
+
+
+@pytest.mark.parametrize("level", ["macro", "meso", "micro", "raw"])
+def test_a_single_nan_anywhere_is_counted_exactly_at_every_level(level):
+    torch.manual_seed(0)
+    # grad of "0".weight and the output of "0": 256 x 64 = 16384 and 32 x 256 = 8192 entries, both
+    # large (sampled with a stride of 4 and 2): positions 1 and 3 are never in a sample
+    model = SideNet()
+    assert model[0].weight.numel() > SMALL and 32 * 256 > SMALL
+    tel = Telemetry(model, level, config=TelemetryConfig(raw_cap=64), act_layers=["0", "1"])
+
+    def poison_grad():
+        model[0].weight.grad.view(-1)[1] = -math.inf
+
+    run_step(tel, model, 0, inside=poison_grad)
+    rec = tel.records[-1]
+    rows = rows_by_key(rec.batches[level])
+    if level == "macro":
+        assert rows[("grad", "*")]["nonfinite"] == 1
+        assert rows[("act", "*")]["nonfinite"] == 2  # "0" is clean, "1" holds a NaN and an Inf
+        assert rows[("weight", "*")]["nonfinite"] == 0
+    else:
+        assert rows[("grad", "0")]["nonfinite"] == 1 and rows[("grad", "3")]["nonfinite"] == 0
+        assert rows[("act", "1")]["nonfinite"] == 2 and rows[("act", "0")]["nonfinite"] == 0
+        # the moments of a layer that holds a NaN are exact over its finite entries
+        with torch.no_grad():
+            out = model[1](model[0](batch(0)[0]))
+        np.testing.assert_allclose(stat_vector(rows[("act", "1")]), exact_row(out.double().reshape(-1).numpy()),
+                                   rtol=2e-5, atol=1e-6)
+    tel.close()
+
+
+def test_the_device_path_stays_on_the_device():
+    # the meta device stands in for an accelerator: nothing may be read on the host before materialise
+    cfg = TelemetryConfig(raw_cap=16)
+    items = [("grad", "0", "meso", [torch.empty(300, device="meta"), torch.empty(3, device="meta")]),
+             ("act", "1", "macro", [torch.empty(5000, device="meta")]),
+             ("act", "2", "macro", [torch.empty(7, device="meta")]),
+             ("act", "3", "raw", [torch.empty(100, device="meta")]),
+             ("weight", "0", "micro", [torch.empty(100, device="meta")])]
+    p = collector_module.aggregate(0, items, cfg, torch.empty((), device="meta"))
+    assert p.f64.wait().device.type == "meta" and p.f32.wait().device.type == "meta"
+    assert p.f64.wait().shape == ((3 + 1) * len(STAT_NAMES) + 1,)  # 3 rows, 1 macro row, the loss
+    assert p.f32.wait().shape == (15 + 7,)  # raw: a stride of 7 keeps 15; micro: 7 block means
