@@ -9,17 +9,28 @@
         opt.step(); opt.zero_grad()
     tel.close()
 
-At the end of each ``step`` block the collector reads, for every (kind, layer) whose level is
-not ``off``, the layer's gradients (``grad``), parameters (``weight``) or forward output
-(``act``) and aggregates them at that level, on their device, for all layers at once:
+For every (kind, layer) whose level is not ``off`` the collector reduces the layer's gradients
+(``grad``), parameters (``weight``) or forward output (``act``) to what that level sends; a
+forward output on a CPU in its hook (no copy of it is kept), everything else at the end of the
+``step`` block, for all layers at once:
 
 - ``raw``: the values themselves; above ``raw_cap`` values, an evenly strided sample of
-  ``raw_cap`` of them (every ``ceil(n / raw_cap)``-th entry), with the true count.
+  ``raw_cap`` of them (every ``ceil(n / raw_cap)``-th entry), with the true count, plus the
+  layer's meso statistics.
 - ``micro``: moving averages of the values over ``window`` consecutive entries (stride =
-  window, so n / window averages), capped like ``raw``.
+  window, so n / window averages), capped like ``raw`` (only the kept blocks are read for
+  them), plus the layer's meso statistics.
 - ``meso``: the layer's statistics of :data:`adaptive_kit.stats.STAT_NAMES`.
 - ``macro``: the same statistics pooled over every layer of the kind at ``macro`` level
   (``layer = "*"``): it cannot say which layer a problem is in.
+
+Every level counts entries and NaN / Inf exactly and sends the exact norm. On a CPU, tensors of
+more than :data:`adaptive_kit.stats.SMALL` entries cost one pass (macro: ``dot``) or two
+(meso and finer: ``dot`` and ``sum``, so mean and std are exact too); their min, max,
+zero fraction (and macro's mean) come from an evenly strided sample of
+:data:`adaptive_kit.stats.SAMPLE` entries (see :func:`adaptive_kit.stats.fast_stats`); smaller
+tensors are exact. On other devices every statistic is exact (:func:`~adaptive_kit.stats.batched_stats`).
+A logged loss is one more row (``kind="loss"``) of the step's statistics batch.
 
 Results move to the host with at most two asynchronous copies per step and are turned into
 Arrow record batches (one per level, so bytes per level are exact) a step later, when the
