@@ -13,10 +13,10 @@ from ..training import TrainConfig
 from . import baselines
 from .engine import worker
 from .network import PROFILES
-from .tasks import digits_task, sequence_task
+from .tasks import digits_task, regression_task, sequence_task
 
 METHODS = {
-    "ours": lambda a: baselines.speculative(period=a.period, reconcile_threshold=a.threshold),
+    "ours": lambda a: baselines.speculative(period=a.period, reconcile_threshold=a.threshold, network=a.network),
     "ddp": lambda a: baselines.ddp(),
     "local_sgd": lambda a: baselines.local_sgd(a.period),
     "post_local_sgd": lambda a: baselines.post_local_sgd(a.period, a.steps // 10),
@@ -28,16 +28,18 @@ def main(argv: list[str] | None = None) -> list:
     p = argparse.ArgumentParser(prog="python -m adaptive_kit.speculative", description=__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, default=4, help="K when spawning (torchrun sets its own)")
     p.add_argument("--method", choices=sorted(METHODS), default="ours")
-    p.add_argument("--task", choices=("digits", "sequence"), default="digits")
+    p.add_argument("--task", choices=("digits", "sequence", "regression"), default="digits")
     p.add_argument("--alpha", type=float, default=0.1, help="Dirichlet non-IID skew (small = skewed)")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--period", type=int, default=32, help="steps between weight averages")
-    p.add_argument("--threshold", type=float, default=0.25, help="reconciliation threshold (ours)")
+    p.add_argument("--period", type=int, default=16, help="steps between weight averages (ours: the base period)")
+    p.add_argument("--threshold", type=float, default=2.5,
+                   help="reconciliation: multiple of the layer's usual spread (ours)")
+    p.add_argument("--network", choices=sorted(PROFILES), default="lan", help="the link ours plans for")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     k = int(os.environ["WORLD_SIZE"]) if is_torchrun() else a.workers
-    make = digits_task if a.task == "digits" else sequence_task
+    make = {"digits": digits_task, "sequence": sequence_task, "regression": regression_task}[a.task]
     task = make(workers=k, alpha=a.alpha, seed=a.seed)
     train = TrainConfig(lr=a.lr, momentum=0.9, batch_size=32, steps=a.steps, seed=a.seed)
     results = run(worker, k, (task, METHODS[a.method](a), train, 25, a.method), threads_per_worker=1)
