@@ -249,10 +249,26 @@ def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
                 errors[rank] = payload
             return
 
-    def stuck(ranks: list[int]) -> tuple[list[int], dict[int, str]]:
-        """Of ``ranks`` (alive, no result): those stuck outside a collective or silent, and why."""
+    def reap() -> None:
+        """Record the ranks whose process ended without a result."""
+        dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in done and r not in errors]
+        if dead:
+            take(0.5)  # a result may still be in the pipe
+            for r in dead:
+                if r not in done and r not in errors:
+                    code = procs[r].exitcode
+                    why = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+                           else f"exit code {code}")
+                    errors[r] = f"rank {r} died without a result ({why})"
+
+    def stuck(ranks: list[int], evidence: bool = False) -> tuple[list[int], dict[int, str]]:
+        """Of ``ranks`` (alive, no result): those stuck outside a collective or silent, and why.
+
+        With ``evidence``, a rank that never sent a heartbeat (still starting) is not blamed."""
         now, why = time.monotonic(), {}
         for r in ranks:
+            if evidence and r not in beats:
+                continue
             seen, where, inside = beats.get(r, (started, "its start", False))
             if now - seen > max(4 * _BEAT_S, 2.0):
                 why[r] = f"no heartbeat for {now - seen:.1f} s (last at {where})"
@@ -263,16 +279,7 @@ def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
     try:
         while len(done) + len(errors) < world_size and not errors:
             take(0.05)
-            dead = [r for r, p in enumerate(procs)
-                    if not p.is_alive() and r not in done and r not in errors]
-            if dead:
-                take(0.5)  # a result may still be in the pipe
-                for r in dead:
-                    if r not in done and r not in errors:
-                        code = procs[r].exitcode
-                        why = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
-                               else f"exit code {code}")
-                        errors[r] = f"rank {r} died without a result ({why})"
+            reap()
             if time.monotonic() > deadline and len(done) + len(errors) < world_size:
                 waiting = [r for r in range(world_size) if r not in done and r not in errors]
                 hung, why = stuck(waiting)
@@ -293,14 +300,19 @@ def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
                 take(0.05)
                 if len(errors) + len(done) == before:
                     break
+            for _ in range(10):  # a rank that died makes its peers' collectives fail: find it
+                reap()
+                if any("died without" in e for e in errors.values()):
+                    break
+                time.sleep(0.1)
             # a dead process first, else the first error to arrive: a peer's collective fails
             # ("Connection closed by peer") only after the rank that raised has gone
             order = {r: i for i, r in enumerate(errors)}
             first = min(errors, key=lambda r: ("died without" not in errors[r], order[r]))
             others = sorted(set(errors) - {first})
             alive = [r for r in range(world_size) if r not in done and r not in errors]
-            hung, why = stuck(alive)
-            if hung and all("/torch/distributed/" in errors[r].replace(os.sep, "/") for r in errors):
+            hung, why = stuck(alive, evidence=True)
+            if hung and not any("died without" in e for e in errors.values()) and all("/torch/distributed/" in errors[r].replace(os.sep, "/") for r in errors):
                 # the failures are collectives timing out: the rank they waited for is to blame
                 raise WorkerError(hung[0], f"worker rank {hung[0]} hung ({why[hung[0]]}); ranks "
                                   f"{sorted(errors)} failed waiting for it:\n{errors[first]}")
