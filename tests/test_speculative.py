@@ -744,3 +744,48 @@ def test_dirichlet_split_rejects(args, pattern):
     labels = torch.tensor([0] * 10) if n == 1 else torch.arange(10) % n
     with pytest.raises(ValueError, match=pattern):
         dirichlet_split(labels, *rest)
+
+
+# --- regression as a first-class task ------------------------------------------------------------
+
+def test_regression_task_declares_only_the_loss():
+    task = sp.regression_task(workers=3, alpha=0.2, per_worker=32, seed=1)
+    assert task.metrics == ("loss",) and task.workers == 3
+    x, y = task.shards[0]
+    assert x.shape == (32, 8) and y.shape == (32,) and task.test[0].shape == (512, 8)
+    res = run(task, sp.speculative(period=4), replace(TRAIN, steps=12), eval_every=4)
+    assert res.evals["test_accuracy"].isna().all() and np.isfinite(res.evals["test_loss"]).all()
+    # the test loss is the MSE of the averaged model, against an independent computation
+    model = task.build()
+    torch.nn.utils.vector_to_parameters(res.theta, model.parameters())
+    with torch.no_grad():
+        mse = torch.mean((model(task.test[0]).squeeze(1) - task.test[1]) ** 2)
+    assert res.final_test_loss == pytest.approx(float(mse), rel=1e-5)
+    assert sp.regression_task(seed=1).shards[0][1].tolist() != sp.regression_task(seed=2).shards[0][1].tolist()
+
+
+@pytest.mark.parametrize(("kwargs", "pattern"), [
+    ({"alpha": 0.0}, r"regression_task\(alpha=0.0\): expected > 0"),
+    ({"noise": -1.0}, r"regression_task\(noise=-1.0\): expected >= 0"),
+    ({"features": 0}, r"regression_task\(features=0\): expected an int >= 1"),
+])
+def test_regression_task_rejects(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        sp.regression_task(**kwargs)
+
+
+def test_task_metrics_are_checked(small):
+    with pytest.raises(ValueError, match=r"Task.metrics=\('accuracy',\)"):
+        sp.Task("t", small.build, small.shards, small.test, metrics=("accuracy",))
+
+
+def test_loss_at_bytes_interpolates_in_log_bytes(small):
+    runs = [run(small, sp.local_sgd(p), replace(TRAIN, steps=16)) for p in (2, 8)]
+    (b0, l0), (b1, l1) = sorted((r.bytes_per_worker()["total"], r.final_test_loss) for r in runs)
+    mid = math.sqrt(b0 * b1)
+    assert sp.loss_at_bytes(runs, mid) == pytest.approx((l0 + l1) / 2)
+    assert sp.loss_at_bytes(runs, b0 / 10) == l0 and sp.loss_at_bytes(runs, b1 * 10) == l1
+    with pytest.raises(ValueError, match="empty"):
+        sp.loss_at_bytes([], 1.0)
+    with pytest.raises(ValueError, match=r"nbytes=0"):
+        sp.loss_at_bytes(runs, 0)
