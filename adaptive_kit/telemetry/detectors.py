@@ -48,13 +48,21 @@ class Observation:
 
 
 def observations(record: StepRecord) -> list[Observation]:
-    """One :class:`Observation` per row of every level's record batch of ``record``."""
+    """One :class:`Observation` per (kind, layer) row of every level's record batch of ``record``.
+
+    Rows that carry statistics (meso, macro, and raw and micro from the collector, which send
+    the layer's statistics beside the values) give them as they are; rows of values alone are
+    summarised on the host (:func:`_from_sample`). The loss row (``kind="loss"``) is left to
+    the loss detectors, which read ``record.loss``.
+    """
     out: list[Observation] = []
     for level, batch in record.batches.items():
         cols = batch.to_pydict()
         for i in range(batch.num_rows):
             kind, layer, count = cols["kind"][i], cols["layer"][i], cols["count"][i]
-            if level in ("meso", "macro"):
+            if kind == "loss":
+                continue
+            if cols["mean"][i] is not None or level in ("meso", "macro"):
                 out.append(Observation(kind, layer, level, count, cols["mean"][i], cols["std"][i],
                                        cols["min"][i], cols["max"][i], cols["norm"][i],
                                        cols["nonfinite"][i], cols["zero_frac"][i]))
@@ -80,20 +88,26 @@ def _from_sample(kind: str, layer: str, level: str, count: int, v: np.ndarray) -
 
 def pool_rows(rows: np.ndarray) -> np.ndarray:
     """Statistics of the union of layers from their rows of :data:`~adaptive_kit.stats.STAT_NAMES`
-    (count, mean, std, min, max, norm, nonfinite, zero_frac): what a macro row sends."""
-    rows = np.asarray(rows, dtype=np.float64).reshape(-1, 8)
-    count, mean, std, lo, hi, norm, nonfinite, zero = rows.T
+    (count, mean, std, min, max, norm, nonfinite, zero_frac): what a macro row sends.
+
+    ``rows`` is ``(..., layers, 8)``; the result is ``(..., 8)``. Moments pool with Chan et al.'s
+    update over the finite entries; a union with no finite entry has NaN moments."""
+    rows = np.asarray(rows, dtype=np.float64)
+    count, mean, std, lo, hi, norm, nonfinite, zero = np.moveaxis(rows, -1, 0)
     n = count - nonfinite
-    nt = n.sum()
     fin = n > 0
-    out = np.full(8, np.nan)
-    out[0], out[6] = count.sum(), nonfinite.sum()
-    out[5] = math.sqrt(float((norm * norm).sum()))
-    out[7] = float((zero * count).sum() / count.sum()) if count.sum() else np.nan
-    if nt > 0:
-        m = float((mean[fin] * n[fin]).sum() / nt)
-        m2 = float((n[fin] * (std[fin] ** 2 + (mean[fin] - m) ** 2)).sum())
-        out[1], out[2], out[3], out[4] = m, math.sqrt(m2 / nt), lo[fin].min(), hi[fin].max()
+    nt = n.sum(-1)
+    ct = count.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = np.where(fin, mean * n, 0.0).sum(-1) / nt
+        m2 = np.where(fin, n * (std ** 2 + (mean - m[..., None]) ** 2), 0.0).sum(-1)
+        out = np.stack([
+            ct, m, np.sqrt(m2 / nt),
+            np.where(fin, lo, np.inf).min(-1), np.where(fin, hi, -np.inf).max(-1),
+            np.sqrt((norm * norm).sum(-1)), nonfinite.sum(-1), (zero * count).sum(-1) / ct,
+        ], axis=-1)
+    none = nt <= 0
+    out[..., 1:5] = np.where(none[..., None], np.nan, out[..., 1:5])
     return out
 
 
@@ -115,6 +129,9 @@ def complete_macro(obs: list[Observation], layers: dict[str, Iterable[str]]) -> 
         meso = [o for o in obs if o.kind == kind and o.level == "meso"]
         others = {o.layer for o in obs if o.kind == kind and o.level in ("raw", "micro")}
         covered = names - others
+        if macro and not meso and not others:  # the collector's row is already the whole
+            out.extend(macro)
+            continue
         if not macro and len(meso) < len(names):
             continue
         if others or (not macro and {o.layer for o in meso} != names) or not covered:

@@ -3,10 +3,10 @@
 An episode is recorded once (:func:`record`): a model trains with one injected
 :class:`~adaptive_kit.telemetry.faults.Fault` (or none), and every tensor the telemetry could see
 is kept on the host. A policy is then played against the recording (:func:`replay`): each step
-it picks levels, the detectors read exactly what those levels would have sent (meso and macro
-statistics computed once per step and pooled as the collector pools them; raw and micro through
-the collector's own :func:`~adaptive_kit.telemetry.collector.aggregate`), the bytes are the
-collector's Arrow bytes for that plan, and the reward counts true and false alarms and bytes.
+it picks levels, the detectors read what those levels would have sent (each layer's statistics
+computed once per step, exactly, and pooled as the collector pools them; raw and micro rows carry
+the same statistics beside their values), the bytes are the collector's own Arrow bytes for that
+plan (:func:`~adaptive_kit.telemetry.collector.aggregate`), and the reward counts true and false alarms and bytes.
 Replaying costs no training, so a policy learns from hundreds of episodes in seconds, and
 every policy is judged on exactly the same runs.
 
@@ -38,7 +38,7 @@ from ..devices import seed_everything
 from ..stats import batched_stats
 from .collector import KINDS, LEVELS, Telemetry, TelemetryConfig, aggregate, materialise
 from .control import Controller, StateTracker, grad_variance, level_of
-from .detectors import DetectorSuite, Observation, observations, pool_rows
+from .detectors import DetectorSuite, Observation, pool_rows
 from .faults import FAULT_KINDS, LAYER_KINDS, Fault, FaultInjector, layer_candidates
 from .policies import Policy, RewardWeights
 
@@ -185,15 +185,6 @@ class Trace:
             cache[sig] = sum(materialise(aggregate(0, items, config, torch.tensor(0.0))).bytes.values())
         return cache[sig]
 
-    def sampled(self, step: int, key: tuple[str, str], level: str, config: TelemetryConfig) -> Observation:
-        """The estimate a raw or micro record of ``key`` at ``step`` gives (cached)."""
-        sig = (step, key, level, config.window, config.raw_cap)
-        cache = self._cache.setdefault("sampled", {})
-        if sig not in cache:
-            rec = materialise(aggregate(step, [(*key, level, [self.values[step][key]])], config))
-            cache[sig] = observations(rec)[0]
-        return cache[sig]
-
     def observe(self, step: int, levels: dict[tuple[str, str], str],
                 config: TelemetryConfig) -> list[Observation]:
         """What the detectors see at ``step`` when each (kind, layer) is at ``levels[key]``."""
@@ -202,15 +193,26 @@ class Trace:
         macro: dict[str, list[int]] = {}
         for i, key in enumerate(self.keys):
             lv = levels[key]
-            if lv == "meso":
-                out.append(_observation(*key, "meso", stats[i]))
-            elif lv == "macro":
+            if lv == "macro":
                 macro.setdefault(key[0], []).append(i)
-            elif lv != "off":
-                out.append(self.sampled(step, key, lv, config))
+            elif lv != "off":  # raw and micro rows carry the layer's statistics beside the values
+                out.append(_observation(*key, lv, stats[i]))
+        whole = self.whole()
         for kind, idx in macro.items():
-            out.append(_observation(kind, "*", "macro", pool_rows(stats[idx])))
+            row = whole[kind][step] if len(idx) == len(self.layers_of(kind)) else pool_rows(stats[idx])
+            out.append(_observation(kind, "*", "macro", row))
         return out
+
+    def layers_of(self, kind: str) -> list[int]:
+        """Indices into :attr:`keys` of ``kind``'s layers."""
+        return [i for i, k in enumerate(self.keys) if k[0] == kind]
+
+    def whole(self) -> dict[str, np.ndarray]:
+        """kind -> (steps, len(STAT_NAMES)) statistics pooled over all its layers (cached)."""
+        if "whole" not in self._cache:
+            st = self.stats()
+            self._cache["whole"] = {k: pool_rows(st[:, self.layers_of(k)]) for k in KINDS if self.layers_of(k)}
+        return self._cache["whole"]
 
     def raw_bytes(self, config: TelemetryConfig) -> float:
         """Bytes per step that the always-raw plan sends under ``config``."""

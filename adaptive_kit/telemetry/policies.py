@@ -16,6 +16,10 @@ fine-grained *looks* before any alarm:
 - :class:`LinUCBPolicy`: a contextual bandit (LinUCB, Li et al., WWW 2010) over continuous
   features, choosing one of :data:`ACTIONS` per step.
 
+The learned policies keep the same budget of scheduled snapshots as the rule (``look_every``):
+a look pays off only steps later, when what it found is confirmed, which a per-step learner
+cannot credit; what they learn is what to do between snapshots.
+
 :data:`ACTIONS` are ``base`` (the coarse plan), ``follow`` (look again at the layers with
 unconfirmed evidence, per layer) and ``look`` (a meso snapshot of every layer). Rewards come
 from :class:`RewardWeights`: detections and evidence found minus false alarms minus the bytes
@@ -186,9 +190,9 @@ class RulePolicy(Policy):
 
     def __init__(self, base: str | dict[str, str] = "macro", escalate: str = "meso", quiet: int = 10,
                  look_every: int = 4, look: str = "meso") -> None:
-        for field_name, v, lo in (("quiet", quiet, 1), ("look_every", look_every, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"RulePolicy.{field_name} must be an int >= {lo}, got {v!r}")
+        if isinstance(quiet, bool) or not isinstance(quiet, int) or quiet < 1:
+            raise ValueError(f"RulePolicy.quiet must be an int >= 1, got {quiet!r}")
+        _check_look_every(look_every, "RulePolicy")
         self.base = StaticPolicy(base).levels
         self.escalate = _check_level(escalate, "RulePolicy.escalate")
         self.look = _check_level(look, "RulePolicy.look")
@@ -216,7 +220,27 @@ class RulePolicy(Policy):
         return plan
 
 
-class QLearningPolicy(Policy):
+class _Scheduled(Policy):
+    """A learned policy's fixed budget of looks: a meso snapshot every ``look_every`` steps is
+    not a decision (it gives every layer a history to be compared with); the policy learns
+    what to do on the other steps."""
+
+    look_every = 0
+    base: dict[str, str]
+
+    def scheduled(self, state: State) -> Plan | None:
+        if self.look_every and state.step % self.look_every == 0:
+            return {**action_plan("look", state, self.base), "scheduled": True}
+        return None
+
+
+def _check_look_every(v: int, owner: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{owner}.look_every must be an int >= 0, got {v!r}")
+    return v
+
+
+class QLearningPolicy(_Scheduled):
     """The seed's tabular Q-learning agent (epsilon-greedy, learning rate 0.1, discount 0.9).
 
     State: :meth:`State.discrete`. Action: one of :data:`ACTIONS` over the coarse ``base`` plan
@@ -228,12 +252,13 @@ class QLearningPolicy(Policy):
     learning = True
 
     def __init__(self, epsilon: float = 0.1, learning_rate: float = 0.1, discount: float = 0.9,
-                 seed: int = 0, base: str | dict[str, str] = "macro") -> None:
+                 seed: int = 0, base: str | dict[str, str] = "macro", look_every: int = 4) -> None:
         for name, v in (("epsilon", epsilon), ("learning_rate", learning_rate), ("discount", discount)):
             if not 0 <= v <= 1:
                 raise ValueError(f"QLearningPolicy.{name} must be in [0, 1], got {v!r}")
         self.epsilon, self.learning_rate, self.discount = epsilon, learning_rate, discount
         self.base = StaticPolicy(base).levels
+        self.look_every = _check_look_every(look_every, "QLearningPolicy")
         self.q: dict[tuple, np.ndarray] = {}
         self._rng = random.Random(seed)
         self.training = True
@@ -244,6 +269,9 @@ class QLearningPolicy(Policy):
         return self.q[s]
 
     def act(self, state: State) -> Plan:
+        fixed = self.scheduled(state)
+        if fixed is not None:
+            return fixed
         s = state.discrete()
         if self.training and self._rng.random() < self.epsilon:
             a = self._rng.randrange(len(ACTIONS))
@@ -254,7 +282,7 @@ class QLearningPolicy(Policy):
         return action_plan(ACTIONS[a], state, self.base)
 
     def learn(self, state: State, plan: Plan, reward: float, next_state: State) -> None:
-        if not self.training:
+        if not self.training or plan.get("scheduled"):
             return
         s, s2, a = state.discrete(), next_state.discrete(), ACTIONS.index(plan["action"])
         row = self._row(s)
@@ -262,7 +290,7 @@ class QLearningPolicy(Policy):
             reward + self.discount * self._row(s2).max())
 
 
-class LinUCBPolicy(Policy):
+class LinUCBPolicy(_Scheduled):
     """A LinUCB contextual bandit over :meth:`State.features`, one of :data:`ACTIONS` per step.
 
     Each action keeps a ridge regression of the step's reward on the features and the policy
@@ -273,17 +301,22 @@ class LinUCBPolicy(Policy):
     name = "linucb"
     learning = True
 
-    def __init__(self, alpha: float = 1.0, ridge: float = 1.0, base: str | dict[str, str] = "macro") -> None:
+    def __init__(self, alpha: float = 1.0, ridge: float = 1.0, base: str | dict[str, str] = "macro",
+                 look_every: int = 4) -> None:
         if not alpha >= 0 or not ridge > 0:
             raise ValueError(f"LinUCBPolicy(alpha={alpha!r}, ridge={ridge!r}): need alpha >= 0, ridge > 0")
         self.alpha = alpha
         self.base = StaticPolicy(base).levels
+        self.look_every = _check_look_every(look_every, "LinUCBPolicy")
         d = len(State(0, 1).features())
         self.A = {a: np.eye(d) * ridge for a in ACTIONS}
         self.b = {a: np.zeros(d) for a in ACTIONS}
         self.training = True
 
     def act(self, state: State) -> Plan:
+        fixed = self.scheduled(state)
+        if fixed is not None:
+            return fixed
         x = state.features()
         best, best_score = ACTIONS[0], -math.inf
         for a in ACTIONS:
@@ -294,7 +327,7 @@ class LinUCBPolicy(Policy):
         return action_plan(best, state, self.base)
 
     def learn(self, state: State, plan: Plan, reward: float, next_state: State) -> None:
-        if not self.training:
+        if not self.training or plan.get("scheduled"):
             return
         x = state.features()
         a = plan["action"]
