@@ -38,6 +38,7 @@ from adaptive_kit.telemetry.detectors import (
     SelfReferencedDetector,
     WeightDriftDetector,
     WeightProgressDetector,
+    _from_sample,
     complete_macro,
     pool_rows,
 )
@@ -112,24 +113,32 @@ def sample_oracle(v: np.ndarray, count: int) -> dict[str, float]:
 
 @pytest.mark.parametrize("level, window, cap", [("raw", 16, 10**6), ("raw", 16, 100), ("micro", 4, 10**6),
                                                 ("micro", 3, 40)])
-def test_observations_of_samples_are_estimates_scaled_by_the_true_count(level, window, cap):
+def test_observations_of_sample_levels_carry_the_layer_s_statistics(level, window, cap):
+    """Raw and micro rows send the layer's statistics beside the values: exact counts, non-finite
+    entries and norm whatever the cap (these tensors are small enough for all to be exact)."""
     tensors = sample_tensors()
-    rec = record_of(tensors, level, TelemetryConfig(window=window, raw_cap=cap))
-    obs = {o.kind: o for o in observations(rec)}
-    rows = {r["kind"]: r for r in rec.batches[level].to_pylist()}
+    obs = {o.kind: o for o in observations(record_of(tensors, level, TelemetryConfig(window=window, raw_cap=cap)))}
     for kind, t in (("grad", tensors[("grad", "0")]), ("act", tensors[("act", "1")])):
         o = obs[kind]
-        v = np.asarray(rows[kind]["values"], dtype=np.float64)
-        assert o.count == t.numel() and o.level == level
-        for name, want in sample_oracle(v, t.numel()).items():
-            assert getattr(o, name) == pytest.approx(want, rel=1e-9, abs=1e-12), f"{kind}.{name}"
-    if level == "raw" and cap == 10**6:  # the full set of values: exact again
-        exact = batched_stats([tensors[("grad", "0")]])[0].numpy()
-        assert obs["grad"].nonfinite == 3
-        assert obs["grad"].norm == pytest.approx(exact[5], rel=1e-6)
-        assert obs["grad"].zero_frac == pytest.approx(exact[7])
-    if level == "raw" and cap == 100:  # entries 0, 10, ..., 990: the +Inf at 500 stands for 10
-        assert obs["grad"].nonfinite == 10.0
+        assert (o.count, o.layer, o.level) == (t.numel(), "0" if kind == "grad" else "1", level)
+        got = np.array([getattr(o, n) for n in STAT_NAMES], dtype=np.float64)
+        np.testing.assert_allclose(got, batched_stats([t])[0].numpy(), rtol=1e-6)
+    assert obs["grad"].nonfinite == 3
+
+
+@pytest.mark.parametrize("stride", [1, 7, 10])
+def test_rows_of_values_alone_are_summarised_on_the_host_scaled_by_the_true_count(stride):
+    g = sample_tensors()[("grad", "0")].numpy().astype(np.float64)
+    v = g[::stride]
+    o = _from_sample("grad", "0", "raw", g.size, v)
+    assert o.count == g.size
+    for name, want in sample_oracle(v, g.size).items():
+        assert getattr(o, name) == pytest.approx(want, rel=1e-9, abs=1e-12), name
+    if stride == 1:  # the full set of values: exact again
+        exact = batched_stats([torch.from_numpy(g)])[0].numpy()
+        assert o.nonfinite == 3 and o.norm == pytest.approx(exact[5]) and o.zero_frac == pytest.approx(exact[7])
+    if stride == 10:  # entries 0, 10, ..., 990: the +Inf at 500 stands for 10
+        assert o.nonfinite == 10.0
 
 
 @pytest.mark.parametrize("level", ["raw", "micro"])
