@@ -462,10 +462,6 @@ def test_the_standard_suite_always_catches_a_non_finite_value(history, kind, lev
     assert [a.kind for a in found if a.detector == "nonfinite"] == ["loss"]
 
 
-@pytest.mark.xfail(strict=True, reason="detectors.complete_macro drops every macro row "
-                   "(`out = [o for o in obs if o.level != 'macro']`) and re-adds only the kinds in "
-                   "DetectorSuite.layers, so DetectorSuite.standard(param_layers, relu_layers) without "
-                   "act_layers (its default) never sees an activation macro row, even a NaN")
 def test_the_standard_suite_without_act_layers_still_sees_activations_at_macro():
     suite = DetectorSuite.standard(["0"], ["1"])
     found = suite.observe(0, [ob("act", "*", "macro", nonfinite=3)], 1.0)
@@ -502,9 +498,6 @@ def test_dead_relu_threshold_fires_whatever_the_history():
     assert [(a.step, a.layer, a.level) for a in alarms] == [(5, "*", "macro")]  # pooled: star
 
 
-@pytest.mark.xfail(strict=True, reason="DeadReLUDetector.update: the absolute-threshold check shares "
-                   "the rising-edge key with the self-referenced rule, whose update clears it every "
-                   "normal look, so a layer dead from the start alarms at every step after warmup")
 def test_dead_relu_a_layer_dead_from_the_start_alarms_once():
     det = DeadReLUDetector(["1"], warmup=3)
     assert [a.step for a in run(det, [[zeros(0.97)]] * 10)] == [0]

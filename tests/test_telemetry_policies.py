@@ -626,9 +626,6 @@ def test_pooled_rows_are_the_statistics_of_the_concatenation(layers):
     np.testing.assert_allclose(pooled, whole, rtol=1e-5, atol=1e-3, equal_nan=True)
 
 
-@pytest.mark.xfail(strict=True, reason="detectors.pool_rows: an empty layer's zero_frac is NaN and "
-                   "(zero * count).sum() propagates it, so one empty activation makes the whole macro "
-                   "row's zero_frac NaN")
 def test_pooled_rows_ignore_an_empty_layer():
     tensors = [torch.tensor([1.0, 0.0, math.nan]), torch.zeros(0), torch.tensor([2.0, 3.0])]
     pooled = pool_rows(batched_stats(tensors).numpy())
@@ -742,9 +739,6 @@ def test_fault_suite_seeds_steps_and_layers():
     assert [s.fault.kind for s in quiet] == [k for k in QUIET_KINDS if k != "label_permute"]
 
 
-@pytest.mark.xfail(strict=True, reason="faults.layer_candidates skips the root module (`if n and "
-                   "usable(mod)`), so fault_suite's rng.choice([]) raises IndexError for a model that "
-                   "is a single layer, though FaultInjector resolves layer=None to that root")
 def test_fault_suite_on_a_single_layer_model():
     linear = Workload("linear", lambda: nn.Linear(64, 1), regression_data, n_classes=0)
     assert len(fault_suite(models=[linear], kinds=("weight_drift",), seeds=(0,), steps=20)) == 2

@@ -104,7 +104,8 @@ def pool_rows(rows: np.ndarray) -> np.ndarray:
         out = np.stack([
             ct, m, np.sqrt(m2 / nt),
             np.where(fin, lo, np.inf).min(-1), np.where(fin, hi, -np.inf).max(-1),
-            np.sqrt((norm * norm).sum(-1)), nonfinite.sum(-1), (zero * count).sum(-1) / ct,
+            np.sqrt((norm * norm).sum(-1)), nonfinite.sum(-1),
+            np.where(count > 0, zero * count, 0.0).sum(-1) / ct,  # an empty layer has NaN zero_frac
         ], axis=-1)
     none = nt <= 0
     out[..., 1:5] = np.where(none[..., None], np.nan, out[..., 1:5])
@@ -122,7 +123,7 @@ def complete_macro(obs: list[Observation], layers: dict[str, Iterable[str]]) -> 
     rows and the partial macro row pool exactly into the whole. A kind that is only partly
     covered (a layer at raw, micro or off) keeps its partial row, as level ``macro-partial``,
     so that it never enters the whole-network history."""
-    out = [o for o in obs if o.level != "macro"]
+    out = [o for o in obs if o.level != "macro" or o.kind not in layers]
     for kind, names in layers.items():
         names = set(names)
         macro = [o for o in obs if o.kind == kind and o.level == "macro"]
@@ -382,12 +383,14 @@ class DeadReLUDetector(SelfReferencedDetector):
         return None if zf is None or not math.isfinite(zf) else zf
 
     def update(self, step, obs, loss):
-        alarms = super().update(step, obs, loss)
-        if alarms:
-            return alarms
-        for o in obs:  # a layer that is all zeros is dead whatever its history
+        dead_before = {k[1:] for k in self._active if k[0] == "all"}
+        alarms = [a for a in super().update(step, obs, loss) if (a.layer, a.level) not in dead_before]
+        for o in obs:  # a layer that is all zeros is dead whatever its history: one alarm
             x = self.value(o) if o.kind == "act" else None
-            if x is not None and x >= self.threshold and self._edge((o.layer, o.level), True):
+            if x is None:
+                continue
+            key = (o.layer, o.level)
+            if self._edge(("all", *key), x >= self.threshold) and key not in self._active:
                 alarms.append(Alarm(step, self.name, "act", o.layer, o.level,
                                     f"{x:.0%} of outputs are zero (threshold {self.threshold:.0%})", x))
         return alarms

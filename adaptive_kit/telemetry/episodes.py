@@ -432,7 +432,9 @@ def fault_suite(models: Sequence[str | Workload] = MODELS, kinds: Sequence[str] 
                 if kind in ("label_noise", "label_permute") and not w.n_classes:
                     continue
                 at = rng.randrange(steps // 4, 3 * steps // 4)
-                layer = rng.choice(_layer_choices(w, kind)) if kind in LAYER_KINDS else None
+                layer = None  # a model that is one bare layer: the injector's default, the root
+                if kind in LAYER_KINDS and (choices := _layer_choices(w, kind)):
+                    layer = rng.choice(choices)
                 specs.append(EpisodeSpec(model, Fault(kind, at, layer=layer, seed=seed), steps, seed=seed))
             for c in range(clean_per_seed):
                 specs.append(EpisodeSpec(model, None, steps, seed=seed + 1000 * c))
