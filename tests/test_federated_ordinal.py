@@ -86,3 +86,85 @@ def test_median_prediction_is_the_first_class_reaching_half_and_minimises_absolu
 def test_an_unknown_prediction_rule_raises():
     with pytest.raises(ValueError, match="rule must be 'mode' or 'median', got 'mean'"):
         ordinal.predict(torch.zeros(3, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64), 2, "mean")
+
+
+# one validation of labels, features and steps behind every entry point (adaptive_kit.federated.checks)
+BAD_LABELS = [
+    (torch.zeros(12, dtype=torch.long), "y has a single class \\(\\[0\\]\\)"),
+    (torch.tensor([1, 5, 9] * 4), "y classes must be 0..J-1 without gaps, got \\[1, 5, 9\\]"),
+    (torch.tensor([0.0, 1.5, 1.0] * 4), "y must hold integer class indices, got fractional labels \\[1.5\\]"),
+    (torch.tensor([-1, 0, 1] * 4), "y classes must be 0..J-1, got negative labels \\[-1\\]"),
+    (np.array(["a", "b", "c"] * 4), "y must be numeric, got non-numeric values such as \\['a', 'b', 'c'\\]"),
+    (["low", "high", "low"] * 4, "y must be numeric, got non-numeric values such as \\['low', 'high', 'low'\\]"),
+    (torch.tensor([0.0, float("nan"), 1.0] * 4), "y has non-finite labels"),
+    (torch.zeros(0, dtype=torch.long), "y must be a non-empty 1-d tensor"),
+]
+
+
+def _entry_points():
+    from adaptive_kit.federated import drift, meta, partition, profile
+
+    x = torch.randn(12, 2)
+    return {
+        "check_ordinal": lambda y: ordinal.check_ordinal(y),
+        "fit": lambda y: ordinal.fit(x[: len(y)], y),
+        "profile_data": lambda y: profile.profile_data(x[: len(y)], y, clusters=2, k=2),
+        "adaptive_partition": lambda y: partition.adaptive_partition(x[: len(y)], y, 0.5, 2),
+        "choose_granularity": lambda y: partition.choose_granularity(x[: len(y)], y, 2),
+        "make_clients": lambda y: meta.make_clients(x[: len(y)], y, torch.arange(len(y)) % 2),
+        "follow_stream": lambda y: drift.follow_stream(x[: len(y)].reshape(-1, 2, 2) if len(y) else x[:0].view(0, 2, 2),
+                                                       np.asarray(y).reshape(-1, 2) if len(y) else torch.zeros(0, 2),
+                                                       warmup=1),
+    }
+
+
+@pytest.mark.parametrize("entry", ["check_ordinal", "fit", "profile_data", "adaptive_partition", "choose_granularity",
+                                   "make_clients", "follow_stream"])
+@pytest.mark.parametrize("labels, message", BAD_LABELS[:6])
+def test_every_entry_point_rejects_bad_labels_naming_y_and_the_values(entry, labels, message):
+    with pytest.raises(ValueError, match=message):
+        _entry_points()[entry](labels)
+
+
+@pytest.mark.parametrize("labels, message", BAD_LABELS[6:])
+def test_non_finite_and_empty_labels_are_named(labels, message):
+    with pytest.raises(ValueError, match=message):
+        ordinal.check_ordinal(labels)
+
+
+@pytest.mark.parametrize("entry", ["profile_data", "adaptive_partition", "fit"])
+def test_entry_points_name_a_row_count_mismatch(entry):
+    from adaptive_kit.federated import partition, profile
+
+    x, y = torch.randn(10, 2), torch.arange(9) % 2
+    call = {"profile_data": lambda: profile.profile_data(x, y, clusters=2, k=2),
+            "adaptive_partition": lambda: partition.adaptive_partition(x, y, 0.5, 2),
+            "fit": lambda: ordinal.fit(x, y)}[entry]
+    with pytest.raises(ValueError, match="y has 9 rows, x has 10"):
+        call()
+
+
+def test_string_and_infinite_features_are_named():
+    from adaptive_kit.federated.checks import check_features
+
+    with pytest.raises(ValueError, match="x must be numeric, got non-numeric values"):
+        check_features(np.array([["a", "b"]]))
+    x = torch.zeros(3, 2)
+    x[1, 0] = float("inf")
+    with pytest.raises(ValueError, match="row 1, column 0: inf"):
+        check_features(x)
+
+
+@pytest.mark.parametrize("steps, message", [((-1,), "steps must be ints >= 0, got \\[-1\\]"),
+                                            ((0, 1.5), "steps must be ints >= 0, got \\[1.5\\]"),
+                                            ((), "at least one step count"),
+                                            ((True,), "steps must be ints >= 0, got \\[True\\]")])
+def test_evaluate_rejects_negative_fractional_and_empty_steps(steps, message):
+    from adaptive_kit.federated import meta
+
+    x, y = torch.randn(30, 2), torch.arange(30) % 2
+    clients = meta.make_clients(x, y, torch.arange(30) % 2)
+    with pytest.raises(ValueError, match=message):
+        meta.evaluate(torch.zeros(3, dtype=torch.float64), clients, steps)
+    with pytest.raises(ValueError, match="split must be one of"):
+        meta.evaluate(torch.zeros(3, dtype=torch.float64), clients, (0,), split="holdout")

@@ -189,10 +189,10 @@ def test_adaptive_partition_is_one_part_at_granularity_0():
     assert torch.equal(part.assign(torch.randn(7, 2)), torch.zeros(7, dtype=torch.long))
 
 
-def test_adaptive_partition_of_a_single_row_is_one_part():
-    # n_parts accepts n = 1 with min_size = 1; the profiler must not ask for a 0-th neighbour
-    part = adaptive_partition(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), 1.0, 1)
-    assert part.parts == 1 and part.labels.tolist() == [0]
+def test_adaptive_partition_of_two_rows_at_min_size_1():
+    # n_parts accepts min_size = 1; the profiler must not ask for more neighbours than there are
+    part = adaptive_partition(torch.tensor([[0.0, 0.0], [5.0, 5.0]]), torch.tensor([0, 1]), 1.0, 1)
+    assert part.parts == 2 and sorted(part.labels.tolist()) == [0, 1]
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,12 @@ import torch
 from scipy import stats
 
 from . import ordinal
+from .checks import _tensor, check_features, check_labels
 from .partition import DataPartition, adaptive_partition, choose_granularity
 
 
 def _check_batch(v: torch.Tensor | np.ndarray | Sequence[float], name: str = "batch") -> torch.Tensor:
-    v = torch.as_tensor(v, dtype=torch.float64).reshape(-1) if not isinstance(v, torch.Tensor) else v.double().reshape(-1)
+    v = _tensor(v, name).double().reshape(-1)
     if not torch.isfinite(v).all():
         raise ValueError(f"{name} has non-finite values (first at position {int((~torch.isfinite(v)).nonzero()[0])})")
     return v
@@ -183,7 +184,8 @@ def follow_stream(x: torch.Tensor, y: torch.Tensor, *, warmup: int = 5, refit_ba
         raise ValueError(f"x must be (batches, batch, d) and y (batches, batch); got {tuple(x.shape)}, {tuple(y.shape)}")
     if not 1 <= warmup < len(x) or refit_batches < 1:
         raise ValueError(f"warmup must be in [1, {len(x) - 1}] and refit_batches >= 1, got {warmup!r}, {refit_batches!r}")
-    classes = ordinal.check_ordinal(y.reshape(-1))
+    check_features(x.reshape(-1, x.shape[-1]))
+    classes = check_labels(y.reshape(-1))[1]
     detectors = detectors if detectors is not None else {"page_hinkley": PageHinkley(), "adwin": ADWIN(), "ks": KSDrift()}
     trigger = list(trigger) if trigger is not None else list(detectors)
 

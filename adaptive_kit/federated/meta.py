@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch.func import grad, vmap
 
 from . import ordinal
+from .checks import check_features, check_labels, check_steps
 
 METHODS = ("fedavg", "fedprox", "oneshot", "reptile", "fomaml", "metasgd", "metacurv")
 META_METHODS = ("reptile", "fomaml", "metasgd", "metacurv")
@@ -94,12 +95,12 @@ def make_clients(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, val_fra
         ValueError: NaN features, labels not 0..J-1, fractions outside (0, 1) or summing to >= 1,
             a part with fewer than 3 rows.
     """
-    if not torch.isfinite(x).all():
-        r, c = (~torch.isfinite(x)).nonzero()[0].tolist()
-        raise ValueError(f"x has non-finite values (first at row {r}, column {c})")
+    x = check_features(x)
+    labels = torch.as_tensor(labels)
     if len(labels) != len(x) or len(y) != len(x):
         raise ValueError(f"x, y and labels need the same rows, got {len(x)}, {len(y)}, {len(labels)}")
-    classes = classes or ordinal.check_ordinal(y)
+    y, found = check_labels(y)
+    classes = classes or found
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 < f < 1:
             raise ValueError(f"{name} must be in (0, 1), got {f!r}")
@@ -178,6 +179,7 @@ def adapt(params: torch.Tensor, clients: Clients, steps: int, lr: float | torch.
     (``weight`` (C, m) selects rows; default all) from ``params`` (P,) or (C, P). ``lr`` is a
     number or a (P,) vector of per-parameter steps; ``prox`` = (anchor, mu) adds FedProx's term."""
     c = clients
+    steps = check_steps((steps,))[0]
     x, y = c.x["train"], c.y["train"]
     w = c.mask["train"] if weight is None else weight
     p = params.expand(c.n, -1).clone() if params.dim() == 1 else params.clone()
@@ -206,8 +208,15 @@ def evaluate(model: MetaModel | torch.Tensor, clients: Clients, steps: Sequence[
              lr: float = 0.5, l2: float = 1e-4, split: str = "test") -> dict[int, dict[str, torch.Tensor]]:
     """Per-client accuracy (of the most probable class), MAE (of the median class) and loss on ``split`` after 0, 1, 5 ... adaptation steps on the
     client's train rows from ``model`` (a :class:`MetaModel`, a (P,) global or (C, P) per-client
-    parameters, adapted with ``lr``)."""
+    parameters, adapted with ``lr``).
+
+    Raises:
+        ValueError: ``steps`` empty or holding a negative or non-integer count, an unknown ``split``.
+    """
     c = clients
+    steps = check_steps(steps)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     params, step = (model.params, model.steps) if isinstance(model, MetaModel) else (model, lr)
     x, y, w = c.x[split], c.y[split], c.mask[split]
     out = {}

@@ -13,22 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import check_features, check_labels
+
 
 def check_ordinal(y: torch.Tensor | np.ndarray, name: str = "y") -> int:
-    """The number of classes of ordinal labels 0..J-1; raises naming the problem."""
-    y = torch.as_tensor(y)
-    if y.dim() != 1 or len(y) == 0:
-        raise ValueError(f"{name} must be a non-empty 1-d tensor of class indices, got shape {tuple(y.shape)}")
-    if y.is_floating_point() and not torch.equal(y, y.round()):
-        raise ValueError(f"{name} must hold integer class indices, got non-integer values")
-    levels = torch.unique(y.long())
-    if len(levels) < 2:
-        raise ValueError(f"{name} has a single class ({levels.tolist()}); ordinal regression needs at least 2")
-    if levels[0] != 0 or levels[-1] != len(levels) - 1:
-        missing = sorted(set(range(int(levels[-1]) + 1)) - set(levels.tolist()))
-        raise ValueError(f"{name} classes must be 0..J-1 without gaps, got {levels.tolist()}"
-                         + (f" (missing {missing})" if missing else ""))
-    return len(levels)
+    """The number of classes of ordinal labels 0..J-1; raises naming the problem
+    (see :func:`~adaptive_kit.federated.checks.check_labels`)."""
+    return check_labels(y, name)[1]
 
 
 def n_params(features: int, classes: int) -> int:
@@ -121,14 +112,13 @@ def fit(x: torch.Tensor, y: torch.Tensor, classes: int | None = None, *, l2: flo
     Raises:
         ValueError: NaN features, shape mismatch, or labels that are not 0..J-1 with J >= 2.
     """
-    x = torch.as_tensor(x, dtype=torch.float64)
-    y = torch.as_tensor(y)
-    if x.dim() != 2 or x.shape[0] != len(y):
-        raise ValueError(f"x must be (n, d) with n = len(y) = {len(y)}, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
-        raise ValueError(f"x has non-finite values (first at row {bad[0]}, column {bad[1]})")
-    classes = classes or check_ordinal(y)
+    x = check_features(x).to(torch.float64)
+    if classes is None:
+        y, classes = check_labels(y, rows=len(x))
+    else:
+        y = torch.as_tensor(y)
+        if len(y) != len(x):
+            raise ValueError(f"y has {len(y)} rows, x has {len(x)}")
     p = (init.detach().clone().to(torch.float64) if init is not None
          else init_params(x.shape[1], classes, y)).requires_grad_(True)
     opt = torch.optim.LBFGS([p], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-14,

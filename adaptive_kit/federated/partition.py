@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .profile import DataProfile, _check_x, kmeans, profile_data
+from .checks import check_features as _check_x
+from .checks import check_labels
+from .profile import DataProfile, kmeans, profile_data
 
 
 @dataclass(frozen=True)
@@ -119,10 +121,12 @@ def adaptive_partition(x: torch.Tensor, y: torch.Tensor, granularity: float, min
 
     Raises:
         ValueError: granularity outside [0, 1], min_size < 1 or larger than the data, NaN features,
+            labels that are not 0..J-1 with J >= 2 (strings, fractions, negatives, gaps, one class),
             balance outside [0, 0.5].
     """
     x = _check_x(x).float()
     n, d = x.shape
+    y = check_labels(y, rows=n)[0]
     target = n_parts(n, granularity, min_size, max_parts)
     if not 0 <= balance <= 0.5:
         raise ValueError(f"balance must be in [0, 0.5], got {balance!r}")

@@ -13,15 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from . import ordinal
-
-
-def _check_x(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be (n, d) with n >= 1, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        r, c = (~torch.isfinite(x)).nonzero()[0].tolist()
-        raise ValueError(f"x has non-finite values (first at row {r}, column {c})")
-    return x
+from .checks import check_features as _check_x
+from .checks import check_labels
 
 
 def knn_log_density(x: torch.Tensor, k: int = 10, chunk: int = 2048) -> torch.Tensor:
@@ -86,10 +79,13 @@ class DataProfile:
 
 
 def profile_data(x: torch.Tensor, y: torch.Tensor, clusters: int = 4, k: int = 10, seed: int = 0) -> DataProfile:
-    """Density, importance and clusters of a data set (recompute as it changes)."""
+    """Density, importance and clusters of a data set (recompute as it changes).
+
+    Raises:
+        ValueError: bad features or labels (:mod:`~adaptive_kit.federated.checks`).
+    """
     x = _check_x(x)
-    if len(y) != len(x):
-        raise ValueError(f"y has {len(y)} rows, x has {len(x)}")
+    y = check_labels(y, rows=len(x))[0].to(x.device)
     centres, labels = kmeans(x, clusters, seed=seed)
     density = knn_log_density(x, min(k, len(x) - 1)) if len(x) > 1 else torch.zeros(1, device=x.device)
     return DataProfile(density, feature_importance(x, y), centres, labels)
