@@ -36,7 +36,7 @@ averaging, and river's ADWIN and Page-Hinkley.
     change) for false alarms; 10 seeds each (quick 3). Signal: per-row log-loss of a model fixed
     after a warm-up of 20 batches (adaptive partition at granularity 0.5 + one ordinal fit per
     part, as ``drift.follow_stream`` does). river's ADWIN (delta 0.002) and PageHinkley
-    (mode="up", ours' direction) take it row by row; ours take it 50 rows at a time
+    (mode="both", two-sided as ours) take it row by row; ours take it 50 rows at a time
     (``drift.ADWIN``, ``drift.PageHinkley``), KS takes the features of each 50-row batch against
     the warm-up rows (re-referenced on the 500 rows after an alarm), and "ours KS|ADWIN" is the
     two together, all detectors reset on either's alarm (what ``follow_stream`` does); KS|ADWIN
@@ -45,6 +45,9 @@ averaging, and river's ADWIN and Page-Hinkley.
     ``row - change row + 1``, ours ``(alarm batch - change batch + 1) x batch rows``; an
     alarm counts as the detection if it is the first within 3,000 rows of the change, every
     other alarm is false (``drift.score_alarms``).
+(d') Detectors alone on unit-variance streams (``unit_section``): 20 streams per shift of -1,
+    +0.25, +0.5, +1 sd, a doubling of the sd, and none; river's ADWIN and PageHinkley row by row,
+    ours on 16-row batches (ADWIN's clock, so it tests at the same rows as row by row).
 (e) Flower cross-check: if ``flwr`` is importable, FedAvg whose server step is Flower's own
     weighted average (``flwr.server.strategy.aggregate.aggregate``) on the fair clients of the
     first report seed, against ``meta.train(method="fedavg")`` round by round; else skipped
@@ -476,7 +479,7 @@ def drift_section(quick: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
             changes = [change_row] if args["changes"] else []
             ratio = float(loss[change_row:].mean() / loss[:change_row].mean()) if changes else 1.0
             runs = {"river ADWIN": run_river(rd.ADWIN, loss, delta=0.002),
-                    "river PageHinkley": run_river(rd.PageHinkley, loss, mode="up"),
+                    "river PageHinkley": run_river(rd.PageHinkley, loss, mode="both"),
                     "ours ADWIN": run_ours(("adwin",), loss, x, ref),
                     "ours PageHinkley": run_ours(("ph",), loss, x, ref),
                     "ours KS": run_ours(("ks",), loss, x, ref),
@@ -502,6 +505,52 @@ def drift_section(quick: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
                     "false_alarms": int(g.false_alarms.sum()), "false_per_stream": g.false_alarms.mean(),
                     "ms_per_10k_rows": g.ms_per_10k_rows.median()})
     return table, pd.DataFrame(out)
+
+
+UNIT_SHIFTS = {"-1 sd": -1.0, "+0.25 sd": 0.25, "+0.5 sd": 0.5, "+1 sd": 1.0, "sd x 2": "sd", "none": 0.0}
+UNIT_BEFORE, UNIT_AFTER, UNIT_STREAMS, UNIT_BATCH = 2000, 2000, 20, 16
+
+
+def unit_stream(shift: float | str, seed: int) -> np.ndarray:
+    """``UNIT_BEFORE`` N(0, 1) values, then ``UNIT_AFTER`` moved by ``shift`` sd (or with sd 2)."""
+    rng = np.random.default_rng(1000 + seed)
+    tail = rng.normal(0, 2, UNIT_AFTER) if shift == "sd" else rng.normal(shift, 1, UNIT_AFTER)
+    return np.concatenate([rng.normal(0, 1, UNIT_BEFORE), tail])
+
+
+def unit_section(quick: bool) -> pd.DataFrame:
+    """(d') Detectors side by side on unit-variance streams: river's ADWIN and Page-Hinkley row by
+    row, ours on batches of ``UNIT_BATCH`` rows (ADWIN's clock: it tests at the same rows as row by
+    row), same defaults (ADWIN delta 0.002; Page-Hinkley delta 0.005, threshold 50, two-sided).
+    Detected: an alarm after the change; delay: its row - change row; false: every other alarm."""
+    import river.drift as rd
+
+    rows = []
+    for kind, shift in UNIT_SHIFTS.items():
+        found: dict[str, list] = {}
+        for seed in range(UNIT_STREAMS):
+            v = unit_stream(shift, seed)
+            runs = {"river ADWIN": run_river(rd.ADWIN, v, delta=0.002),
+                    "river PageHinkley": run_river(rd.PageHinkley, v, mode="both"),
+                    "ours ADWIN": run_batches(drift.ADWIN(), v), "ours PageHinkley": run_batches(drift.PageHinkley(), v)}
+            for det, (alarms, secs) in runs.items():
+                after = [a for a in alarms if a >= UNIT_BEFORE]
+                found.setdefault(det, []).append((after[0] - UNIT_BEFORE + 1 if after and shift else None,
+                                                  len(alarms) - (1 if after and shift else 0), secs))
+        for det, f in found.items():
+            delays = [d for d, _, _ in f if d is not None]
+            rows.append({"shift": kind, "detector": det, "streams": len(f),
+                         "detected": f"{len(delays)}/{len(f)}" if shift else "-",
+                         "mean_delay": float(np.mean(delays)) if delays else math.nan,
+                         "false_alarms": sum(x for _, x, _ in f),
+                         "ms_per_10k_rows": 1e3 * float(np.median([t for _, _, t in f])) * 1e4 / (UNIT_BEFORE + UNIT_AFTER)})
+    return pd.DataFrame(rows)
+
+
+def run_batches(det, v: np.ndarray, batch: int = UNIT_BATCH) -> tuple[list[int], float]:
+    t0 = time.perf_counter()
+    alarms = [min(i + batch, len(v)) - 1 for i in range(0, len(v), batch) if det.update(v[i:i + batch])]
+    return alarms, time.perf_counter() - t0
 
 
 # ================================================================================ (e) Flower
@@ -537,7 +586,7 @@ def flower(quick: bool, fed: dict) -> tuple[pd.DataFrame, str]:
 
 
 # ================================================================================ targets and main
-def targets(om: pd.DataFrame, pq: pd.DataFrame, fed: dict, dsum: pd.DataFrame) -> pd.DataFrame:
+def targets(om: pd.DataFrame, pq: pd.DataFrame, fed: dict, dsum: pd.DataFrame, ut: pd.DataFrame) -> pd.DataFrame:
     rows = []
 
     def add(target: str, value: str, met: bool | None) -> None:
@@ -576,6 +625,18 @@ def targets(om: pd.DataFrame, pq: pd.DataFrame, fed: dict, dsum: pd.DataFrame) -
         + f" rows; false alarms {fa_o} vs {fa_r} (at {SMALL_BATCH}-row batches: delay "
         + ", ".join(f"{small.loc[k, 'capped_mean_delay']:.0f}" for k in drifting)
         + f"; false alarms {int(small.false_alarms.sum())})", delay_ok and fa_o <= fa_r)
+    u = ut.set_index(["shift", "detector"])
+    for mine, theirs in (("ours ADWIN", "river ADWIN"), ("ours PageHinkley", "river PageHinkley")):
+        moved = [k for k in UNIT_SHIFTS if UNIT_SHIFTS[k]]
+        det_ok = all(int(u.loc[(k, mine), "detected"].split("/")[0]) >= int(u.loc[(k, theirs), "detected"].split("/")[0])
+                     for k in moved)
+        delay_ok = all(not u.loc[(k, mine), "mean_delay"] > u.loc[(k, theirs), "mean_delay"] for k in moved)
+        fa_m = int(ut[ut.detector == mine].false_alarms.sum())
+        fa_t = int(ut[ut.detector == theirs].false_alarms.sum())
+        add(f"(d') {mine} on unit-variance streams: detections >= {theirs}'s, delay <= its, false alarms <= its",
+            "; ".join(f"{k}: {u.loc[(k, mine), 'detected']} d={u.loc[(k, mine), 'mean_delay']:.0f} vs "
+                      f"{u.loc[(k, theirs), 'detected']} d={u.loc[(k, theirs), 'mean_delay']:.0f}" for k in moved)
+            + f"; false alarms {fa_m} vs {fa_t}", det_ok and delay_ok and fa_m <= fa_t)
     return pd.DataFrame(rows)
 
 
@@ -640,7 +701,13 @@ def main(argv: list[str] | None = None) -> dict:
          f"{(CHANGE - WARMUP) * BATCH} after a {WARMUP * BATCH}-row warm-up", dsum, 2,
          note=f"delay in rows (ours: batches of {BATCH} rows unless said); capped_mean_delay: a miss counts as {HORIZON}; "
               f"detected: first alarm within {HORIZON} rows of the change; false_alarms: every other alarm, summed over "
-              "streams; loss_ratio: mean loss after / before the change; river PageHinkley with mode='up'")
+              "streams; loss_ratio: mean loss after / before the change; both Page-Hinkleys two-sided")
+
+    ut = timed("d2", unit_section)
+    show(f"(d') Detectors on {UNIT_STREAMS} unit-variance streams per shift ({UNIT_BEFORE} + {UNIT_AFTER} values), "
+         f"river row by row, ours on {UNIT_BATCH}-row batches", ut, 1,
+         note="delay in rows after the change; false_alarms: alarms other than the first after the change, summed "
+              "over streams; 'none': no change (every alarm false)")
 
     fl, fl_note = timed("e", flower, fed)
     if len(fl):
@@ -649,7 +716,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         print(f"\n== (e) Flower FedAvg cross-check: {fl_note} ==")
 
-    tg = targets(om, pq, fed, dsum)
+    tg = targets(om, pq, fed, dsum, ut)
     total = time.perf_counter() - t_start
     show("targets", tg)
     print("section seconds: " + ", ".join(f"({s}) {v:.0f}" for s, v in clock.items())
@@ -660,6 +727,7 @@ def main(argv: list[str] | None = None) -> dict:
            "paired": fed["paired"].to_dict(orient="records"), "rounds_to_target": fed["rounds"].to_dict(orient="records"),
            "configs": {n: {m: asdict(c) for m, c in v.items()} for n, v in fed["configs"].items()},
            "drift": dt.to_dict(orient="records"), "drift_summary": dsum.to_dict(orient="records"),
+           "drift_unit_streams": ut.to_dict(orient="records"),
            "flower": fl.to_dict(orient="records"), "flower_status": fl_note, "targets": tg.to_dict(orient="records"),
            "section_s": {k: round(v, 1) for k, v in clock.items()}, "runtime_s": round(total, 1)}
     write_json(args.json, out)

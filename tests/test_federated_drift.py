@@ -61,9 +61,56 @@ def test_page_hinkley_equals_rivers_one_sided_test_value_by_value():
     river = pytest.importorskip("river.drift")
     # two upward shifts: river restarts after each alarm, as ours does
     values = np.concatenate([loss_like(3, 600, 600, shift=0.3), np.random.default_rng(4).normal(1.5, 0.2, 600)])
-    ours = alarms(PageHinkley(), values, 1)
+    ours = alarms(PageHinkley(mode="up"), values, 1)
     theirs = river_alarms(river.PageHinkley(mode="up", alpha=1.0), values)  # alpha 1: no fading
     assert len(ours) == 2 and ours == theirs
+
+
+def test_page_hinkley_equals_rivers_two_sided_test_value_by_value():
+    river = pytest.importorskip("river.drift")
+    # a fall then a rise: the two-sided test (the default) catches both, at river's values
+    rng = np.random.default_rng(12)
+    values = np.concatenate([rng.normal(1.0, 0.2, 600), rng.normal(0.4, 0.2, 600), rng.normal(1.2, 0.2, 600)])
+    ours = alarms(PageHinkley(), values, 1)
+    theirs = river_alarms(river.PageHinkley(mode="both", alpha=1.0), values)
+    assert len(ours) == 2 and ours == theirs
+    assert 600 < ours[0] <= 700 and 1200 < ours[1] <= 1300
+    assert alarms(PageHinkley(mode="up"), values[:1200], 1) == []  # one-sided up misses the fall
+    assert alarms(PageHinkley(mode="down"), values[:1200], 1) == ours[:1]
+
+
+def unit_streams(shift, streams=20, before=2000, after=2000):
+    """``streams`` unit-variance streams whose mean moves by ``shift`` sigma (or whose sd doubles
+    for ``shift="sd"``) after ``before`` values."""
+    for seed in range(streams):
+        rng = np.random.default_rng(100 + seed)
+        tail = rng.normal(0, 2, after) if shift == "sd" else rng.normal(shift, 1, after)
+        yield np.concatenate([rng.normal(0, 1, before), tail])
+
+
+def detections(found, before=2000):
+    """(streams detected, mean delay, false alarms): an alarm before the change or after the first
+    one after it is false."""
+    hits = [[a for a in f if a > before] for f in found]
+    delays = [h[0] - before for h in hits if h]
+    false = sum(len(f) - (1 if h else 0) for f, h in zip(found, hits))
+    return len(delays), float(np.mean(delays)) if delays else math.inf, false
+
+
+@pytest.mark.parametrize("shift", [0.25, -1.0])
+def test_adwin_matches_rivers_sensitivity_on_small_and_negative_shifts(shift):
+    river = pytest.importorskip("river.drift")
+    streams = list(unit_streams(shift))
+    # batches of 16 rows are tested at the same rows as row by row (the clock is 16)
+    ours = detections([alarms(ADWIN(), v, 16) for v in streams])
+    theirs = detections([river_alarms(river.ADWIN(), v) for v in streams])
+    assert ours[0] >= theirs[0] >= (18 if shift == 0.25 else 20)
+    assert ours[1] <= theirs[1] and ours[2] <= theirs[2] == 0
+
+
+def test_page_hinkley_detects_a_fall_of_one_sigma_on_every_stream():
+    found = detections([alarms(PageHinkley(threshold=100), v, 50) for v in unit_streams(-1.0)])
+    assert found[0] == 20 and found[1] < 300
 
 
 @pytest.mark.parametrize("shift", [0.3, 1.0])
@@ -115,15 +162,16 @@ def test_page_hinkley_reset_and_empty_batches():
     det.update(np.zeros(10))
     assert det.n == 10
     det.reset()
-    assert (det.n, det.total, det.cum, det.low) == (0, 0.0, 0.0, 0.0)
+    assert (det.n, det.total, det.cum, det.low, det.cum_down, det.high) == (0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("make", [
     lambda: PageHinkley(delta=-0.1), lambda: PageHinkley(threshold=0), lambda: PageHinkley(min_samples=0),
     lambda: PageHinkley(delta=float("nan")),
     lambda: ADWIN(delta=0), lambda: ADWIN(delta=1.0), lambda: ADWIN(min_side=0),
-    lambda: ADWIN(max_window=20, min_side=16), lambda: ADWIN(stride=0),
-    lambda: KSDrift(alpha=0), lambda: KSDrift(alpha=1.5),
+    lambda: ADWIN(max_window=20, min_side=16), lambda: ADWIN(clock=0), lambda: ADWIN(buckets=0),
+    lambda: PageHinkley(mode="sideways"),
+    lambda: KSDrift(alpha=0), lambda: KSDrift(alpha=1.5), lambda: KSDrift(reference_rows=0),
 ])
 def test_bad_detector_arguments_raise(make):
     with pytest.raises(ValueError, match="need|must be"):
@@ -153,6 +201,15 @@ def test_ks_rarely_fires_on_batches_from_the_reference_distribution():
     assert false_alarms <= 2
     det.reset()  # no reference: the next batch becomes it
     assert det.reference is None and det.update(rng.normal(3, 1, size=(50, 4))) is False
+
+
+def test_ks_moves_its_reference_after_an_alarm_instead_of_firing_on_every_batch():
+    rng = np.random.default_rng(2)
+    det = KSDrift(alpha=1e-3, reference=rng.normal(size=(500, 3)))
+    fired = [det.update(rng.normal(size=(50, 3)) + (1.0 if b >= 10 else 0.0)) for b in range(40)]
+    assert fired[10] and sum(fired) == 1  # one alarm at the change, none for the 29 batches after
+    # the reference restarted with the alarm batch and grew with the quiet batches to 500 rows
+    assert len(det.reference) == 500 and det.reference.mean() == pytest.approx(1.0, abs=0.15)
 
 
 @pytest.mark.parametrize("batch, shown", [(np.zeros(10), r"\(rows, features\) batch, got shape \(10,\)"),

@@ -151,7 +151,7 @@ def test_string_and_infinite_features_are_named():
         check_features(np.array([["a", "b"]]))
     x = torch.zeros(3, 2)
     x[1, 0] = float("inf")
-    with pytest.raises(ValueError, match="row 1, column 0: inf"):
+    with pytest.raises(ValueError, match="row 1, column 0\\): inf"):
         check_features(x)
 
 

@@ -36,7 +36,7 @@ def check_features(x, name: str = "x") -> torch.Tensor:
         raise ValueError(f"{name} must be (n, d) with n >= 1, got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         r, c = (~torch.isfinite(x)).nonzero()[0].tolist()
-        raise ValueError(f"{name} has non-finite values (first at row {r}, column {c}: {float(x[r, c])})")
+        raise ValueError(f"{name} has non-finite values (first at row {r}, column {c}): {float(x[r, c])}")
     return x
 
 

@@ -2,13 +2,14 @@
 
 Detectors take a batch at a time (vectorised over the batch) and say whether it drifted:
 
-- :class:`PageHinkley`: cumulative deviation of a signal (the model's per-row loss) above its
-  running mean; fires when it rises ``threshold`` above its minimum (an increase in the mean);
-- :class:`ADWIN`: the adaptive window of Bifet & Gavaldà (2007) over a bounded window, every
-  ``stride``-th cut tested at once with the variance-aware (Bernstein) bound of ADWIN2, its
-  confidence split over the cuts (a union bound); on drift the part before the cut is dropped;
+- :class:`PageHinkley`: cumulative deviations of a signal (the model's per-row loss) from its
+  running mean, two-sided: fires on an increase or a decrease of the mean;
+- :class:`ADWIN`: the adaptive window of Bifet & Gavaldà (2007), cuts spaced like ADWIN2's
+  exponential histogram and tested at once with its variance-aware (Bernstein) bound — river's
+  sensitivity, on batches; on drift the values before the change are dropped;
 - :class:`KSDrift`: a two-sample Kolmogorov-Smirnov test per feature between a reference
-  window and the latest batch, Bonferroni-corrected — covariate drift, before labels arrive.
+  window and the latest batch, Bonferroni-corrected — covariate drift, before labels arrive; the
+  reference moves to the new distribution after an alarm.
 
 :func:`follow_stream` runs the kit's loop: profile and partition a first window, fit an ordinal
 model per part, score each batch, feed the detectors, and on an alarm re-profile and
@@ -38,80 +39,136 @@ def _check_batch(v: torch.Tensor | np.ndarray | Sequence[float], name: str = "ba
 
 
 class PageHinkley:
-    """Page-Hinkley test for an increase in the mean of a stream."""
+    """Page-Hinkley test for a change in the mean of a stream: an increase (``mode="up"``), a
+    decrease (``"down"``) or either (``"both"``, the default).
 
-    def __init__(self, delta: float = 0.005, threshold: float = 50.0, min_samples: int = 30):
+    Two cumulative sums of deviations from the running mean are kept, one biased down by
+    ``delta`` (it climbs on an increase) and one biased up (it falls on a decrease); an alarm
+    is raised when the first rises ``threshold`` above its lowest value or the second falls
+    ``threshold`` below its highest, after ``min_samples`` values. On an alarm the state restarts.
+    """
+
+    MODES = ("up", "down", "both")
+
+    def __init__(self, delta: float = 0.005, threshold: float = 50.0, min_samples: int = 30, mode: str = "both"):
         if not delta >= 0 or not threshold > 0 or min_samples < 1:
             raise ValueError(f"need delta >= 0, threshold > 0, min_samples >= 1; got {delta!r}, {threshold!r}, {min_samples!r}")
-        self.delta, self.threshold, self.min_samples = delta, threshold, min_samples
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        self.delta, self.threshold, self.min_samples, self.mode = delta, threshold, min_samples, mode
         self.reset()
 
     def reset(self) -> None:
-        self.n, self.total, self.cum, self.low = 0, 0.0, 0.0, 0.0
+        self.n, self.total = 0, 0.0
+        self.cum, self.low = 0.0, 0.0  # sum of (value - mean - delta) and its minimum
+        self.cum_down, self.high = 0.0, 0.0  # sum of (value - mean + delta) and its maximum
 
     def update(self, batch) -> bool:
         v = _check_batch(batch)
         if len(v) == 0:
             return False
         n = self.n + torch.arange(1, len(v) + 1, dtype=torch.float64)
-        mean = (self.total + torch.cumsum(v, 0)) / n
-        cum = self.cum + torch.cumsum(v - mean - self.delta, 0)
+        dev = v - (self.total + torch.cumsum(v, 0)) / n
+        cum = self.cum + torch.cumsum(dev - self.delta, 0)
         low = torch.minimum(torch.cummin(cum, 0).values, torch.tensor(self.low, dtype=torch.float64))
-        fired = ((cum - low) > self.threshold) & (n >= self.min_samples)
+        cum_down = self.cum_down + torch.cumsum(dev + self.delta, 0)
+        high = torch.maximum(torch.cummax(cum_down, 0).values, torch.tensor(self.high, dtype=torch.float64))
+        up, down = (cum - low) > self.threshold, (high - cum_down) > self.threshold
+        fired = {"up": up, "down": down, "both": up | down}[self.mode] & (n >= self.min_samples)
         if fired.any():
             self.reset()
             return True
         self.n, self.total = int(n[-1]), float(self.total + v.sum())
         self.cum, self.low = float(cum[-1]), float(low[-1])
+        self.cum_down, self.high = float(cum_down[-1]), float(high[-1])
         return False
 
 
 class ADWIN:
-    """Adaptive windowing over the last ``max_window`` values; cuts every ``stride`` values."""
+    """Adaptive windowing (Bifet & Gavaldà 2007) over the last ``max_window`` values.
 
-    def __init__(self, delta: float = 0.002, max_window: int = 4096, min_side: int = 16, stride: int = 8):
-        if not 0 < delta < 1 or max_window < 2 * min_side or min_side < 1 or stride < 1:
-            raise ValueError(f"need 0 < delta < 1, min_side >= 1, max_window >= 2 min_side, stride >= 1; got "
-                             f"{delta!r}, {max_window!r}, {min_side!r}, {stride!r}")
-        self.delta, self.max_window, self.min_side, self.stride = delta, max_window, min_side, stride
+    Every ``clock`` values the window is split at cuts spaced like ADWIN2's exponential histogram
+    (``buckets`` cuts per doubling of the distance from the newest value: dense near the end,
+    where a change shows first, sparse in the past), and a cut whose two sides' means differ by
+    more than the variance-aware (Bernstein) bound with confidence ``delta / ln n`` signals a
+    change. On a change the oldest values are dropped up to the first such cut and the test is
+    repeated, until no cut is significant: the window keeps the longest recent stretch with
+    one mean. All cuts are tested at once, vectorised over the window.
+    """
+
+    def __init__(self, delta: float = 0.002, max_window: int = 8192, min_side: int = 5, clock: int = 16,
+                 buckets: int = 5):
+        if not 0 < delta < 1 or max_window < 2 * min_side or min_side < 1 or clock < 1 or buckets < 1:
+            raise ValueError(f"need 0 < delta < 1, min_side >= 1, max_window >= 2 min_side, clock >= 1, buckets >= 1; got "
+                             f"{delta!r}, {max_window!r}, {min_side!r}, {clock!r}, {buckets!r}")
+        self.delta, self.max_window, self.min_side, self.clock, self.buckets = delta, max_window, min_side, clock, buckets
         self.reset()
 
     def reset(self) -> None:
         self.window = torch.zeros(0, dtype=torch.float64)
+        self.since = 0  # values since the last test
 
     @property
     def mean(self) -> float:
         return float(self.window.mean()) if len(self.window) else float("nan")
 
-    def update(self, batch) -> bool:
-        self.window = torch.cat([self.window, _check_batch(batch)])[-self.max_window:]
-        w = self.window
+    def _offsets(self, n: int) -> torch.Tensor:
+        """Distances from the newest value of the cuts: ``buckets`` of 1, then of 2, 4, ..."""
+        out, d, size = [], 0, 1
+        while d < n:
+            for _ in range(self.buckets):
+                d += size
+                out.append(d)
+            size *= 2
+        return torch.tensor(out)
+
+    def _first_cut(self, w: torch.Tensor) -> int | None:
         n = len(w)
         if n < 2 * self.min_side:
-            return False
-        cuts = torch.arange(self.min_side, n - self.min_side + 1, self.stride)
+            return None
+        cuts = n - self._offsets(n)
+        cuts = cuts[(cuts >= self.min_side) & (n - cuts >= self.min_side)]
+        if len(cuts) == 0:
+            return None
         csum = torch.cumsum(w, 0)
         n0, n1 = cuts.double(), (n - cuts).double()
         mu0 = csum[cuts - 1] / n0
         mu1 = (csum[-1] - csum[cuts - 1]) / n1
-        m = 1 / (1 / n0 + 1 / n1)
-        log_term = math.log(2 * math.log(n) * len(cuts) / self.delta)  # a union bound over the cuts tested
-        var = float(w.var()) if n > 1 else 0.0
-        eps = torch.sqrt(2 * var * log_term / m) + 2 * log_term / (3 * m)
+        inv_m = 1 / (n0 - self.min_side + 1) + 1 / (n1 - self.min_side + 1)
+        log_term = math.log(2 * math.log(n) / self.delta)
+        var = float(w.var(correction=0))
+        eps = torch.sqrt(2 * var * log_term * inv_m) + 2 / 3 * log_term * inv_m
         hit = (mu0 - mu1).abs() > eps
-        if not hit.any():
+        return int(cuts[hit].max()) if hit.any() else None
+
+    def update(self, batch) -> bool:
+        v = _check_batch(batch)
+        self.window = torch.cat([self.window, v])[-self.max_window:]
+        self.since += len(v)
+        if self.since < self.clock:
             return False
-        self.window = w[int(cuts[hit.nonzero()[-1, 0]]):]  # keep what follows the latest cut that drifted
-        return True
+        self.since = 0
+        drifted = False
+        while (cut := self._first_cut(self.window)) is not None:
+            self.window, drifted = self.window[cut:], True
+        return drifted
 
 
 class KSDrift:
-    """Per-feature two-sample KS test of each batch against a reference window (Bonferroni)."""
+    """Per-feature two-sample KS test of each batch against a reference window (Bonferroni).
 
-    def __init__(self, alpha: float = 1e-3, reference: torch.Tensor | None = None):
+    Without a reference the first batch starts one. After an alarm the reference restarts with
+    the batch that fired, so later batches are compared with the new distribution rather than
+    the old one (no storm of alarms after one change); a reference under ``reference_rows``
+    rows grows with every batch that does not fire.
+    """
+
+    def __init__(self, alpha: float = 1e-3, reference: torch.Tensor | None = None, reference_rows: int = 500):
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-        self.alpha = alpha
+        if isinstance(reference_rows, bool) or not isinstance(reference_rows, int) or reference_rows < 1:
+            raise ValueError(f"reference_rows must be an int >= 1, got {reference_rows!r}")
+        self.alpha, self.reference_rows = alpha, reference_rows
         self.reference = None if reference is None else np.asarray(reference, dtype=float)
         self.last_p = float("nan")
 
@@ -119,18 +176,20 @@ class KSDrift:
         self.reference = None if reference is None else np.asarray(reference, dtype=float)
 
     def update(self, batch) -> bool:
-        x = np.asarray(batch, dtype=float)
-        if x.ndim != 2:
-            raise ValueError(f"KSDrift needs a (rows, features) batch, got shape {x.shape}")
-        if not np.isfinite(x).all():
-            r, c = np.argwhere(~np.isfinite(x))[0]
-            raise ValueError(f"batch has non-finite values (first at row {r}, column {c})")
+        x = check_features(np.asarray(batch, dtype=float), "batch").numpy() if np.asarray(batch).ndim == 2 else None
+        if x is None:
+            raise ValueError(f"KSDrift needs a (rows, features) batch, got shape {np.asarray(batch).shape}")
         if self.reference is None:
             self.reference = x
             return False
         p = stats.ks_2samp(self.reference, x, axis=0).pvalue
         self.last_p = float(min(1.0, np.min(p) * x.shape[1]))
-        return self.last_p < self.alpha
+        if self.last_p < self.alpha:
+            self.reference = x  # the new distribution is the reference from now on
+            return True
+        if len(self.reference) < self.reference_rows:
+            self.reference = np.concatenate([self.reference, x])
+        return False
 
 
 def score_alarms(alarms: Sequence[int], changes: Sequence[int], horizon: int) -> dict:
