@@ -328,8 +328,10 @@ def record(spec: EpisodeSpec) -> Trace:
         for h in hooks:
             h.remove()
     tel = r.tel
-    return Trace(spec, list(tel.param_layers), list(tel.layers["act"]), list(tel.relu_layers),
-                 values, r.losses, r.test_accuracy)
+    trace = Trace(spec, list(tel.param_layers), list(tel.layers["act"]), list(tel.relu_layers),
+                  values, r.losses, r.test_accuracy)
+    trace.stats()  # every replay reads these: computed once, with the recording
+    return trace
 
 
 @dataclass
