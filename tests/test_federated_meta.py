@@ -177,6 +177,37 @@ def test_evaluate_reports_per_client_metrics_in_range_and_matching_a_direct_coun
         assert float(ev[0]["loss"][i]) == pytest.approx(float(ordinal.nll(p, x, y, clients.classes)), abs=1e-12)
 
 
+def test_guarded_adaptation_never_leaves_a_client_worse_on_validation_than_its_start(clients):
+    # a step far too large: plain adaptation ruins clients, the guard keeps each one's best iterate
+    start_params = ordinal.init_params(clients.features, clients.classes) + 0.3
+    plain = evaluate(start_params, clients, (0, 1, 5), lr=50.0, split="val")
+    kept = evaluate(start_params, clients, (0, 1, 5), lr=50.0, split="val", guard=True)
+    assert (plain[5]["loss"] > plain[0]["loss"]).any()
+    for s in (1, 5):
+        assert (kept[s]["loss"] <= kept[0]["loss"] + 1e-12).all()
+        assert (kept[s]["loss"] <= plain[s]["loss"] + 1e-12).all()
+    assert (kept[5]["loss"] <= kept[1]["loss"] + 1e-12).all()  # "at most 5 steps" includes 1
+    # with a sensible step the guard changes nothing where every step helps
+    fine = evaluate(start_params, clients, (0, 1), lr=0.05, split="val")
+    fine_kept = evaluate(start_params, clients, (0, 1), lr=0.05, split="val", guard=True)
+    helped = fine[1]["loss"] < fine[0]["loss"]
+    assert torch.allclose(fine[1]["mae"][helped], fine_kept[1]["mae"][helped])
+
+
+def test_damped_newton_adaptation_converges_to_each_clients_own_fit(clients):
+    # an L-BFGS fit per client is the oracle: Newton steps with a tiny damping reach it
+    alone = meta.local_only(clients, l2=1e-4)
+    start_params = ordinal.init_params(clients.features, clients.classes)
+    p = adapt(start_params, clients, 15, 1.0, 1e-4, newton=1e-8)
+    assert torch.allclose(p, alone, atol=1e-4)
+    # a large damping is a small gradient step: lr / damping
+    big = adapt(start_params, clients, 1, 1.0, 1e-4, newton=1e4)
+    grad_step = adapt(start_params, clients, 1, 1e-4, 1e-4)
+    assert torch.allclose(big, grad_step, atol=1e-6)
+    with pytest.raises(ValueError, match="newton damping must be > 0"):
+        adapt(start_params, clients, 1, 1.0, newton=0.0)
+
+
 def test_local_only_is_each_client_fitted_alone(clients):
     alone = meta.local_only(clients)
     assert alone.shape == (clients.n, clients.features + clients.classes - 1)

@@ -174,10 +174,16 @@ def _loss(p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, cl
 
 
 def adapt(params: torch.Tensor, clients: Clients, steps: int, lr: float | torch.Tensor, l2: float = 1e-4,
-          prox: tuple[torch.Tensor, float] | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+          prox: tuple[torch.Tensor, float] | None = None, weight: torch.Tensor | None = None,
+          newton: float | None = None) -> torch.Tensor:
     """(C, P) parameters after ``steps`` full-batch gradient steps on each client's train rows
     (``weight`` (C, m) selects rows; default all) from ``params`` (P,) or (C, P). ``lr`` is a
-    number or a (P,) vector of per-parameter steps; ``prox`` = (anchor, mu) adds FedProx's term."""
+    number or a (P,) vector of per-parameter steps; ``prox`` = (anchor, mu) adds FedProx's term.
+
+    With ``newton`` = damping λ > 0 each step is a damped Newton step on the client's own loss,
+    ``p - lr (H + λ I)^-1 g``: one step moves a client most of the way to the optimum of its own
+    loss plus (λ / 2) |p - start|^2, the global model acting as a prior (λ large: a gradient
+    step of size lr / λ; λ small: the client's own Newton fit). ``lr`` must then be a number."""
     c = clients
     steps = check_steps((steps,))[0]
     x, y = c.x["train"], c.y["train"]
@@ -191,9 +197,17 @@ def adapt(params: torch.Tensor, clients: Clients, steps: int, lr: float | torch.
 
     g = vmap(grad(objective), in_dims=(0, 0, 0, 0, None, None))
     anchor, mu = prox if prox is not None else (p[0].detach(), 0.0)
+    if newton is not None:
+        if not newton > 0 or isinstance(lr, torch.Tensor):
+            raise ValueError(f"newton damping must be > 0 with a number lr, got {newton!r}, lr {type(lr).__name__}")
+        h = vmap(torch.func.hessian(objective), in_dims=(0, 0, 0, 0, None, None))
+        eye = torch.eye(p.shape[1], dtype=p.dtype)
     for _ in range(steps):
         gr = g(p, x, y, w, anchor, mu)
-        p = p - (gr @ lr.T if isinstance(lr, torch.Tensor) and lr.dim() == 2 else lr * gr)
+        if newton is not None:
+            p = p - lr * torch.linalg.solve(h(p, x, y, w, anchor, mu) + newton * eye, gr)
+        else:
+            p = p - (gr @ lr.T if isinstance(lr, torch.Tensor) and lr.dim() == 2 else lr * gr)
     return p
 
 
@@ -205,10 +219,16 @@ def _halves(clients: Clients) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def evaluate(model: MetaModel | torch.Tensor, clients: Clients, steps: Sequence[int] = (0, 1, 5),
-             lr: float = 0.5, l2: float = 1e-4, split: str = "test") -> dict[int, dict[str, torch.Tensor]]:
-    """Per-client accuracy (of the most probable class), MAE (of the median class) and loss on ``split`` after 0, 1, 5 ... adaptation steps on the
-    client's train rows from ``model`` (a :class:`MetaModel`, a (P,) global or (C, P) per-client
-    parameters, adapted with ``lr``).
+             lr: float = 0.5, l2: float = 1e-4, split: str = "test", guard: bool = False,
+             newton: float | None = None) -> dict[int, dict[str, torch.Tensor]]:
+    """Per-client accuracy (of the most probable class), MAE (of the median class) and loss on
+    ``split`` after 0, 1, 5 ... adaptation steps on the client's train rows from ``model`` (a
+    :class:`MetaModel`, a (P,) global or (C, P) per-client parameters, adapted with ``lr``).
+
+    With ``guard`` each client keeps, of its models after 0, 1, ..., s steps, the one with the
+    lowest loss on its own validation rows (early stopping): adaptation cannot leave a client
+    worse on validation than the model it started from. ``steps[i]`` then means "at most".
+    ``newton`` (a damping) adapts by damped Newton steps (:func:`adapt`) instead of gradient steps.
 
     Raises:
         ValueError: ``steps`` empty or holding a negative or non-integer count, an unknown ``split``.
@@ -219,15 +239,32 @@ def evaluate(model: MetaModel | torch.Tensor, clients: Clients, steps: Sequence[
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     params, step = (model.params, model.steps) if isinstance(model, MetaModel) else (model, lr)
     x, y, w = c.x[split], c.y[split], c.mask[split]
-    out = {}
-    for s in steps:
-        p = adapt(params, c, s, step, l2)
+
+    def scores(p: torch.Tensor) -> dict[str, torch.Tensor]:
         mode = vmap(lambda pi, xi: ordinal.predict(pi, xi, c.classes))(p, x)
         median = vmap(lambda pi, xi: ordinal.predict(pi, xi, c.classes, "median"))(p, x)
         loss = vmap(lambda pi, xi, yi, wi: ordinal.nll(pi, xi, yi, c.classes, wi))(p, x, y, w)
-        out[s] = {"accuracy": ((mode == y).double() * w).sum(1) / w.sum(1),
-                  "mae": ((median - y).abs().double() * w).sum(1) / w.sum(1), "loss": loss}
-    return out
+        return {"accuracy": ((mode == y).double() * w).sum(1) / w.sum(1),
+                "mae": ((median - y).abs().double() * w).sum(1) / w.sum(1), "loss": loss}
+
+    def val_loss(p: torch.Tensor) -> torch.Tensor:
+        vx, vy, vw = c.x["val"], c.y["val"], c.mask["val"]
+        loss = vmap(lambda pi, xi, yi, wi: ordinal.nll(pi, xi, yi, c.classes, wi))(p, vx, vy, vw)
+        return torch.nan_to_num(loss, nan=torch.inf)
+
+    out = {}
+    p = adapt(params, c, 0, step, l2)
+    best, best_val = p, val_loss(p) if guard else None
+    for k in range(max(steps) + 1):
+        if k > 0:
+            p = adapt(p, c, 1, step, l2, newton=newton)
+            if guard:
+                v = val_loss(p)
+                better = v < best_val
+                best, best_val = torch.where(better[:, None], p, best), torch.where(better, v, best_val)
+        if k in steps:
+            out[k] = scores(best if guard else p)
+    return {s: out[s] for s in steps}
 
 
 def local_only(clients: Clients, l2: float = 1e-4, max_iter: int = 100) -> torch.Tensor:
