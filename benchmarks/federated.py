@@ -571,8 +571,10 @@ def unit_section(quick: bool) -> pd.DataFrame:
 
 
 def run_batches(det, v: np.ndarray, batch: int = UNIT_BATCH) -> tuple[list[int], float]:
+    """Alarms at the row that fired (Page-Hinkley says which), else at the batch's last row."""
     t0 = time.perf_counter()
-    alarms = [min(i + batch, len(v)) - 1 for i in range(0, len(v), batch) if det.update(v[i:i + batch])]
+    alarms = [i + det.fired_at if getattr(det, "fired_at", None) is not None else min(i + batch, len(v)) - 1
+              for i in range(0, len(v), batch) if det.update(v[i:i + batch])]
     return alarms, time.perf_counter() - t0
 
 

@@ -128,8 +128,11 @@ def test_page_hinkley_state_carries_across_batches():
     values = loss_like(6, 1000, 500)
     exact = alarms(PageHinkley(), values, 1)[0]  # the value on which it fires
     for size in (7, 50, 100, 1500):
-        # fed in pieces it fires on the piece that holds that value
-        assert alarms(PageHinkley(), values, size)[0] == min(len(values), size * math.ceil(exact / size))
+        # fed in pieces it fires on the piece that holds that value, and says which value it was
+        det = PageHinkley()
+        fired = alarms(det, values, size)[0]
+        assert fired == min(len(values), size * math.ceil(exact / size))
+        assert size * (math.ceil(exact / size) - 1) + det.fired_at + 1 == exact
 
 
 def test_adwin_state_carries_across_batches():

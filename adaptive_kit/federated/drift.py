@@ -45,7 +45,9 @@ class PageHinkley:
     Two cumulative sums of deviations from the running mean are kept, one biased down by
     ``delta`` (it climbs on an increase) and one biased up (it falls on a decrease); an alarm
     is raised when the first rises ``threshold`` above its lowest value or the second falls
-    ``threshold`` below its highest, after ``min_samples`` values. On an alarm the state restarts.
+    ``threshold`` below its highest, after ``min_samples`` values. On an alarm the state restarts
+    from the value after the one that fired, so a batch gives what the values one by one give;
+    ``fired_at`` is the position in the batch of the (first) value that fired.
     """
 
     MODES = ("up", "down", "both")
@@ -59,6 +61,7 @@ class PageHinkley:
         self.reset()
 
     def reset(self) -> None:
+        self.fired_at: int | None = None  # position in the last batch of the value that fired
         self.n, self.total = 0, 0.0
         self.cum, self.low = 0.0, 0.0  # sum of (value - mean - delta) and its minimum
         self.cum_down, self.high = 0.0, 0.0  # sum of (value - mean + delta) and its maximum
@@ -76,7 +79,10 @@ class PageHinkley:
         up, down = (cum - low) > self.threshold, (high - cum_down) > self.threshold
         fired = {"up": up, "down": down, "both": up | down}[self.mode] & (n >= self.min_samples)
         if fired.any():
+            at = int(fired.nonzero()[0, 0])
             self.reset()
+            self.update(v[at + 1:])  # the test restarts after the value that fired, as row by row
+            self.fired_at = at
             return True
         self.n, self.total = int(n[-1]), float(self.total + v.sum())
         self.cum, self.low = float(cum[-1]), float(low[-1])
