@@ -407,7 +407,40 @@ class ActivationScaleDetector(ScaleDetector):
         super().__init__("act", sigmas, factor, **kw)
 
 
-class WeightProgressDetector(SelfReferencedDetector):
+class _PerStepChange(SelfReferencedDetector):
+    """Base of the rules on how fast a layer's statistics move: :meth:`position` of a look,
+    and :meth:`rate` between it and the layer's previous look, per step of the gap."""
+
+    kind = "weight"
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self._last: dict[tuple, tuple[int, tuple[float, ...]]] = {}  # (layer, level) -> look
+        self._step = 0
+
+    def position(self, o: Observation) -> tuple[float, ...] | None:
+        raise NotImplementedError
+
+    def rate(self, now: tuple[float, ...], last: tuple[float, ...], gap: int) -> float:
+        raise NotImplementedError
+
+    def update(self, step, obs, loss):
+        self._step = step
+        return super().update(step, obs, loss)
+
+    def value(self, o):
+        now = self.position(o)
+        if now is None:
+            return None
+        key = (o.layer, o.level)
+        last = self._last.get(key)
+        self._last[key] = (self._step, now)
+        if last is None or self._step <= last[0]:
+            return None
+        return self.rate(now, last[1], self._step - last[0])
+
+
+class WeightProgressDetector(_PerStepChange):
     """Rule: how fast a layer's weights move, per step, against their own history.
 
     Progress is the largest step-to-step change of the layer's weight statistics (log norm,
@@ -416,30 +449,19 @@ class WeightProgressDetector(SelfReferencedDetector):
     around (``fast_updates``); far slower (``factor_down``) means training has
     stalled (``stall``: a learning rate that collapsed, gradients that stopped)."""
 
-    kind = "weight"
     name = "weight_progress"
 
     def __init__(self, sigmas: float = 6.0, factor_up: float = 5.0, factor_down: float = 30.0,
                  warmup: int = 8, **kw) -> None:
         super().__init__(sigmas, (math.log(factor_down), math.log(factor_up)), warmup=warmup, **kw)
-        self._last: dict[tuple, tuple[int, float, float, float]] = {}
-        self._step = 0
 
-    def update(self, step, obs, loss):
-        self._step = step
-        return super().update(step, obs, loss)
-
-    def value(self, o):
+    def position(self, o):
         if not (o.norm > 0 and o.std > 0 and math.isfinite(o.norm) and math.isfinite(o.std)):
             return None
-        key = (o.layer, o.level)
-        now = (self._step, math.log(o.norm), math.log(o.std), o.mean / o.std)
-        last = self._last.get(key)
-        self._last[key] = now
-        if last is None or now[0] <= last[0]:
-            return None
-        change = max(abs(a - b) for a, b in zip(now[1:], last[1:])) / (now[0] - last[0])
-        return math.log(change + 1e-12)
+        return math.log(o.norm), math.log(o.std), o.mean / o.std
+
+    def rate(self, now, last, gap):
+        return math.log(max(abs(a - b) for a, b in zip(now, last)) / gap + 1e-12)
 
     def describe(self, o, x, base, d, z):
         name = "fast_updates" if d > 0 else "stall"
@@ -447,33 +469,22 @@ class WeightProgressDetector(SelfReferencedDetector):
                       f"({z:.1f} sigma, {self.confirm} looks)")
 
 
-class WeightDriftDetector(SelfReferencedDetector):
+class WeightDriftDetector(_PerStepChange):
     """Rule: a layer's weight norm changes, per step, at a velocity (signed, in log units) far
     from its own recent velocity: more than ``sigmas`` of its history and more than
     ``min_rate`` per step. Catches one layer's weights drifting towards zero or growing, which
     pooled statistics dilute."""
 
-    kind = "weight"
     name = "weight_drift"
 
     def __init__(self, sigmas: float = 6.0, min_rate: float = 0.01, floor: float = 1e-3, **kw) -> None:
         super().__init__(sigmas, min_rate, floor=floor, **kw)
-        self._last: dict[tuple, tuple[int, float]] = {}
-        self._step = 0
 
-    def update(self, step, obs, loss):
-        self._step = step
-        return super().update(step, obs, loss)
+    def position(self, o):
+        return (math.log(o.norm),) if o.norm > 0 and math.isfinite(o.norm) else None
 
-    def value(self, o):
-        if not (o.norm > 0 and math.isfinite(o.norm)):
-            return None
-        key = (o.layer, o.level)
-        now, last = (self._step, math.log(o.norm)), self._last.get((o.layer, o.level))
-        self._last[key] = now
-        if last is None or now[0] <= last[0]:
-            return None
-        return (now[1] - last[1]) / (now[0] - last[0])
+    def rate(self, now, last, gap):
+        return (now[0] - last[0]) / gap
 
     def describe(self, o, x, base, d, z):
         return self.name, (f"weight norm of {o.layer} changes {x:+.2%} per step, expected "

@@ -37,7 +37,7 @@ from ..datasets import Split, digits
 from ..devices import seed_everything
 from ..stats import batched_stats
 from .collector import KINDS, LEVELS, Telemetry, TelemetryConfig, aggregate, materialise
-from .control import Controller, StateTracker, grad_variance, level_of
+from .control import LOOK_LEVELS, Controller, StateTracker, grad_variance, level_of
 from .detectors import DetectorSuite, Observation, pool_rows
 from .faults import FAULT_KINDS, LAYER_KINDS, Fault, FaultInjector, layer_candidates
 from .policies import Policy, RewardWeights
@@ -400,7 +400,7 @@ def replay(trace: Trace, policy: Policy, *, config: TelemetryConfig = TelemetryC
         r = weights.reward(t_ok, len(alarms) - t_ok, sent / macro - 1.0, weights.analysis_ms(rows, values),
                            found if active else -found)
         reward += r
-        looked = [k for k, lv in levels.items() if lv in ("meso", "micro", "raw")]
+        looked = [k for k, lv in levels.items() if lv in LOOK_LEVELS]
         next_state = tracker.update(step, alarms, grad_variance(suite), float(trace.losses[step]),
                                     looked=looked, suspicion=suite.suspicion, pending=suite.pending)
         if learn:

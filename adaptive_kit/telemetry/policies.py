@@ -177,6 +177,12 @@ def action_plan(action: str, state: State, base: dict[str, str], look: str = "me
     return {"kinds": kinds, "layers": layers, "action": action}
 
 
+def _check_look_every(v: int, owner: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{owner}.look_every must be an int >= 0, got {v!r}")
+    return v
+
+
 class RulePolicy(Policy):
     """Coarse by default, with periodic and evidence-driven looks, and escalation on alarms.
 
@@ -232,12 +238,6 @@ class _Scheduled(Policy):
         if self.look_every and state.step % self.look_every == 0:
             return {**action_plan("look", state, self.base), "scheduled": True}
         return None
-
-
-def _check_look_every(v: int, owner: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{owner}.look_every must be an int >= 0, got {v!r}")
-    return v
 
 
 class QLearningPolicy(_Scheduled):
