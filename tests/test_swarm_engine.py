@@ -99,7 +99,7 @@ def test_one_member_trains_exactly_like_torch_sgd(data, spec, image_shape):
 
 def test_batched_equals_unbatched(data):
     specs = same_spec_members(4) + same_spec_members(2, (Layer("linear", 8, "tanh"), Layer("linear", 8)))
-    cfg = SwarmConfig(members=6, steps_per_round=8, seed=2, eval_rows=256, optimiser=NO_EVOLVE)
+    cfg = SwarmConfig(members=6, steps_per_round=8, seed=2, eval_rows=256, optimiser=NO_EVOLVE, vmap_min=2)
     with Swarm(data, cfg, specs=specs) as a, Swarm(data, dataclasses.replace(cfg, batched=False), specs=specs) as b:
         a.run(3, progress=False)
         b.run(3, progress=False)
@@ -199,7 +199,7 @@ def test_fault_quarantines_the_member_and_the_others_train_on(data, fault, detec
     specs = same_spec_members(4)
     if not shared:
         specs[1] = specs[1].replace(layers=(Layer("linear", 8, "tanh"),))
-    cfg = SwarmConfig(members=4, steps_per_round=6, seed=0, eval_rows=256,
+    cfg = SwarmConfig(members=4, steps_per_round=6, seed=0, eval_rows=256, vmap_min=2,
                       optimiser=OptimiserConfig(exploit_every=2, warmup_rounds=2, refill_quarantined=True))
     with Swarm(data, cfg, specs=specs) as swarm:
         swarm.inject(1, fault)
@@ -233,7 +233,7 @@ def test_fault_quarantines_the_member_and_the_others_train_on(data, fault, detec
 
 
 def test_injected_crash_in_a_shared_batch_is_quarantined(data):
-    cfg = SwarmConfig(members=3, steps_per_round=4, seed=0, eval_rows=128, optimiser=NO_EVOLVE)
+    cfg = SwarmConfig(members=3, steps_per_round=4, seed=0, eval_rows=128, optimiser=NO_EVOLVE, vmap_min=2)
     with Swarm(data, cfg, specs=same_spec_members(3)) as swarm:
         swarm.inject(1, "crash")
         swarm.step()

@@ -23,6 +23,7 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from ..datasets import Split
+from ..devices import pick_device
 from ..records import Sink, to_batch
 from ..stats import STAT_NAMES, HostCopy, batched_stats
 from .bus import Collector
@@ -46,6 +47,9 @@ class SwarmConfig:
     val_fraction: float = 0.2  # of the training rows, held out for validation (when no val is given)
     eval_rows: int = 2048  # at most this many rows per evaluation (validation and training accuracy)
     batched: bool = True  # vmap members that share an architecture and batch size
+    vmap_min: int | None = None  # smallest such group that trains in one vmap (smaller: member by member
+    #                              through a plain module); None: 2 on a GPU, 5 on a CPU, where vmap's
+    #                              fixed cost per step (~0.5 ms) outweighs 2-4 small members' steps
     param_layers: tuple[str, ...] = ()  # layers ("h0", "h1", ..., "out") whose weights are reported; () = all
     image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the flat inputs, for conv layers
 
@@ -54,6 +58,9 @@ class SwarmConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"SwarmConfig.{name} must be an int >= {lo}, got {v!r}")
+        if self.vmap_min is not None and (isinstance(self.vmap_min, bool) or not isinstance(self.vmap_min, int)
+                                          or self.vmap_min < 2):
+            raise ValueError(f"SwarmConfig.vmap_min must be None or an int >= 2, got {self.vmap_min!r}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"SwarmConfig.val_fraction must be in (0, 1), got {self.val_fraction!r}")
 
@@ -98,7 +105,9 @@ class Swarm:
     Each round: the optimiser shares out ``steps_per_round x active members`` steps by fitness
     (:func:`~adaptive_kit.swarm.optimiser.allocate`); members that share an architecture and
     batch size take their steps together in one ``vmap`` over stacked weights (a member that has
-    used its steps drops out of the batch); every member is evaluated; a report per member goes
+    used its steps drops out of the batch) when there are at least ``vmap_min`` of them, and
+    every other member trains alone through a plain module (:meth:`groups`); each round's
+    batches go to the device in one copy and its losses come back in one; every member is evaluated; a report per member goes
     out on the bus (and into :meth:`history`); the watch looks for anomalies; a member whose
     loss, weights or metrics are non-finite, or whose step raises, is quarantined; and every
     ``exploit_every`` rounds the bottom members are replaced (exploit / explore, breeding).
@@ -109,7 +118,7 @@ class Swarm:
         config: see :class:`SwarmConfig`.
         specs: the initial members (default: drawn from ``config.space``).
         val: validation ``(x, y)``; default: ``config.val_fraction`` of the training rows.
-        device: where members train; default the data's device.
+        device: where members train; default :func:`~adaptive_kit.devices.pick_device` (CUDA when present).
         sink: where reports go; default an in-process :class:`~adaptive_kit.swarm.bus.Collector`
             (:attr:`collector`) over ZeroMQ.
 
@@ -122,7 +131,7 @@ class Swarm:
                  sink: Sink | None = None, rank: int = 0, world: int = 1) -> None:
         self.config = config
         self.goals, self.policy = config.goals, config.optimiser  # may be changed between rounds
-        self.device = torch.device(device) if device is not None else data.x_train.device
+        self.device = pick_device(device)
         x, y = data.x_train, data.y_train
         if x.dim() != 2 or y.dim() != 1 or len(x) != len(y) or len(x) < 2:
             raise ValueError(f"data: expected x_train (N, F) and y_train (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -144,6 +153,8 @@ class Swarm:
         elif len(specs) != config.members:
             raise ValueError(f"specs: got {len(specs)} for SwarmConfig.members={config.members}")
         self._templates: dict[tuple, tuple[nn.Module, list[list[str]]]] = {}
+        # per member trained alone: (its layers, its module, the module's weights as the member's params)
+        self._nets: dict[int, tuple[tuple, nn.Module, dict[str, torch.Tensor]]] = {}
         # members' own seeds come from a generator of their own, so that a swarm given the specs
         # another swarm drew (its random-search twin) starts from the same weights and batches
         seeds = np.random.default_rng([config.seed, 1]).integers(2**62, size=len(specs))
@@ -236,13 +247,11 @@ class Swarm:
                 for p in m.params.values():
                     p.fill_(float("nan"))
         losses: dict[int, np.ndarray] = {}
-        groups: dict[tuple, list[Member]] = defaultdict(list)
-        for m in owned:
-            groups[m.spec.group_key if cfg.batched else (m.id,)].append(m)
+        groups = self.groups(owned)
         first_step = {m.id: m.steps for m in owned}
-        for group in groups.values():
+        for group in groups:
             losses.update(self._train_safely(group))
-        for group in groups.values():
+        for group in groups:
             self._evaluate([m for m in group if m.active])
         self._observe(owned, losses, first_step)
         self._exchange()
@@ -264,6 +273,17 @@ class Swarm:
             if on_round is not None and on_round(self) is False:
                 break
         return self
+
+    def groups(self, members: Sequence[Member]) -> list[list[Member]]:
+        """How ``members`` train: lists of members that take their steps together in one vmap
+        (equal :attr:`MemberSpec.group_key`, at least ``vmap_min`` of them), and lists of one,
+        which train through a plain module."""
+        cfg = self.config
+        least = cfg.vmap_min or (2 if self.device.type == "cuda" else 5)
+        by_key: dict[tuple, list[Member]] = defaultdict(list)
+        for m in members:
+            by_key[m.spec.group_key if cfg.batched else (m.id,)].append(m)
+        return [g for group in by_key.values() for g in ([group] if len(group) >= least else [[m] for m in group])]
 
     def _train_safely(self, group: list[Member]) -> dict[int, np.ndarray]:
         """Train a group; if it raises, train its members one by one and quarantine those that fail."""
@@ -294,29 +314,89 @@ class Swarm:
         T = int(n_steps.max(initial=0))
         if T == 0:
             return {m.id: np.zeros(0) for m in ms}
+        # every batch of the round drawn up front (the same numbers as one draw per step) and sent
+        # to the device in one copy, so that no step waits on the host
+        idx = torch.zeros((len(ms), T, ms[0].spec.batch_size), dtype=torch.int64)  # (G, T, bs)
+        for i, (m, n) in enumerate(zip(ms, n_steps)):
+            idx[i, :n] = torch.randint(0, len(self.x), (int(n), m.spec.batch_size), generator=m.gen)
+        idx = _to_device(idx, self.device)
+        t0 = time.perf_counter()
+        if len(ms) == 1:  # a group of one: the plain module path, no vmap transform to pay for
+            losses = self._steps_one(ms[0], idx[0])[None]
+        else:
+            losses = self._steps_batched(ms, n_steps, idx)
+        host = losses.cpu().numpy()  # the round's one wait for the device
+        per_step = (time.perf_counter() - t0) / max(int(n_steps.sum()), 1)
+        out = {}
+        for i, m in enumerate(ms):
+            m.steps += int(n_steps[i])
+            m.step_time = per_step
+            out[m.id] = host[i, :n_steps[i]]
+        return out
+
+    def _module(self, m: Member) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
+        """A module of the member's architecture whose parameters hold the member's weights, with
+        the parameters and momentum buffers as lists in the module's order."""
+        cached = self._nets.get(m.id)
+        if cached is None or cached[0] != m.spec.layers:
+            model = build_model(m.spec, self.n_features, self.n_classes, self.config.image_shape).to(self.device)
+            cached = (m.spec.layers, model, {k: p.detach() for k, p in model.named_parameters()})
+            self._nets[m.id] = cached
+        _, model, weights = cached
+        if m.params is not weights:  # new weights since the last round (batched, evolved, loaded)
+            with torch.no_grad():
+                for k, w in weights.items():
+                    w.copy_(m.params[k])
+            m.params = weights  # from now on the member's weights are the module's parameters
+        return model, list(model.parameters()), [m.buf[k] for k in weights]
+
+    def _steps_one(self, m: Member, idx: torch.Tensor) -> torch.Tensor:
+        """``len(idx)`` SGD steps of one member through its own module; its losses, (T,) on device.
+
+        The update is torch.optim.SGD's (g += wd p; buf = mom buf + g; p -= lr buf) with foreach ops.
+        """
+        model, params, bufs = self._module(m)
+        lr, mom, wd = m.spec.lr, m.spec.momentum, m.spec.weight_decay
+        losses = []
+        for t in range(len(idx)):
+            rows = idx[t]
+            loss = nn.functional.cross_entropy(model(self.x[rows]), self.y[rows])
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                if wd:
+                    grads = torch._foreach_add(grads, params, alpha=wd)
+                if mom:
+                    torch._foreach_mul_(bufs, mom)
+                    torch._foreach_add_(bufs, grads)
+                else:
+                    torch._foreach_copy_(bufs, grads)
+                torch._foreach_add_(params, bufs, alpha=-lr)
+            losses.append(loss.detach())
+        return torch.stack(losses)
+
+    def _steps_batched(self, ms: list[Member], n_steps: np.ndarray, idx: torch.Tensor) -> torch.Tensor:
+        """The steps of members that share an architecture, in one vmap over stacked weights;
+        their losses, (G, T) on device (NaN after a member's last step)."""
         model, _ = self._template(ms[0].spec)
         P = {k: torch.stack([m.params[k] for m in ms]) for k in ms[0].params}  # (G, *shape)
         B = {k: torch.stack([m.buf[k] for m in ms]) for k in ms[0].buf}
-        dev, G, bs = self.device, len(ms), ms[0].spec.batch_size
-
-        def per_member(vals: list[float]) -> torch.Tensor:
-            return torch.tensor(vals, dtype=self.x.dtype, device=dev)
-
-        lr, mom, wd = (per_member([getattr(m.spec, k) for m in ms]) for k in ("lr", "momentum", "weight_decay"))
+        dev, G, T, bs = self.device, len(ms), idx.shape[1], ms[0].spec.batch_size
+        hp = torch.tensor([[getattr(m.spec, k) for m in ms] for k in ("lr", "momentum", "weight_decay")],
+                          dtype=self.x.dtype)
+        lr, mom, wd = _to_device(hp, dev)
         # vmap's forward over the stacked weights, then one ordinary backward: each member's loss
         # depends only on its own slice, so the summed loss gives every member its own gradient
         # (twice as fast on a CPU as vmap(grad(...)), whose per-call transform overhead dominates)
         fwd = vmap(partial(_logits, model))
         names = list(P)
         losses = torch.full((G, T), float("nan"), device=dev)
-        active_at = [(n_steps > t).sum() for t in range(T)]
-        t0 = time.perf_counter()
+        active_at = [int((n_steps > t).sum()) for t in range(T)]
         for t in range(T):
-            k = int(active_at[t])
-            idx = torch.stack([torch.randint(0, len(self.x), (bs,), generator=m.gen) for m in ms[:k]]).to(dev)
+            k = active_at[t]
+            rows = idx[:k, t]  # (k, bs)
             leaves = [P[n][:k].detach().requires_grad_() for n in names]
-            logits = fwd(dict(zip(names, leaves)), self.x[idx])  # (k, bs, C)
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1), self.y[idx].flatten(),
+            logits = fwd(dict(zip(names, leaves)), self.x[rows])  # (k, bs, C)
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), self.y[rows].flatten(),
                                                reduction="none").view(k, bs).mean(1)
             grads = torch.autograd.grad(loss.sum(), leaves)
             with torch.no_grad():
@@ -327,19 +407,10 @@ class Swarm:
                     B[n][:k].mul_(mom[:k].view(shape)).add_(g)
                     p[:k].sub_(lr[:k].view(shape) * B[n][:k])
             losses[:k, t] = loss.detach()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        elapsed = time.perf_counter() - t0
-        host = losses.cpu().numpy()
-        per_step = elapsed / max(int(n_steps.sum()), 1)
-        out = {}
         for i, m in enumerate(ms):
             m.params = {k: v[i].clone() for k, v in P.items()}
             m.buf = {k: v[i].clone() for k, v in B.items()}
-            m.steps += int(n_steps[i])
-            m.step_time = per_step
-            out[m.id] = host[i, :n_steps[i]]
-        return out
+        return losses
 
     @torch.no_grad()
     def _evaluate(self, group: list[Member]) -> None:
@@ -682,6 +753,13 @@ def _align(old: Sequence, new: Sequence) -> list[int]:
         for j in range(block.size):
             out[block.b + j] = block.a + j
     return out
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (on the CPU) on ``device``; to a GPU through pinned memory, so the copy does not block the host."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _to(tensors: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, torch.Tensor] | None:
