@@ -1,6 +1,6 @@
-"""Data for federated ordinal regression: statsmodels' bundled ``fair`` and ``randhie`` with
-ordinal targets, and seeded regime mixtures with controllable heterogeneity and drift. Nothing is
-downloaded: the two tables ship inside statsmodels.
+"""Data for federated ordinal regression: statsmodels' bundled ``fair``, ``randhie`` and
+``anes96`` with ordinal targets, and seeded regime mixtures with controllable heterogeneity and
+drift. Nothing is downloaded: the three tables ship inside statsmodels.
 """
 from __future__ import annotations
 
@@ -52,6 +52,17 @@ def randhie() -> OrdinalData:
     y = np.searchsorted(np.asarray(RANDHIE_BINS[1:]), d["mdvis"].to_numpy(), side="right")
     return OrdinalData("randhie", _standardise(d[features].to_numpy(float)), torch.tensor(y),
                        features, ["0", "1-2", "3-5", "6+"])
+
+
+def anes96() -> OrdinalData:
+    """944 respondents of the 1996 American National Election Study: party identification on a
+    7-point scale (strong Democrat .. strong Republican) from left-right self-placement, the
+    placements of Clinton and Dole, TV news days, age, education, income and log population."""
+    d = statsmodels_frame("anes96")
+    features = ["selfLR", "ClinLR", "DoleLR", "TVnews", "age", "educ", "income", "logpopul"]
+    y = d["PID"].astype(int).to_numpy()
+    return OrdinalData("anes96", _standardise(d[features].to_numpy(float)), torch.tensor(y), features,
+                       ["strong Dem", "weak Dem", "lean Dem", "independent", "lean Rep", "weak Rep", "strong Rep"])
 
 
 MIXTURE_WEIGHTS = (0.4, 0.3, 0.2, 0.1)

@@ -1,12 +1,12 @@
 """Drift detection on a stream, and a stream loop that re-profiles and re-partitions on drift.
 
-Detectors take a batch at a time (vectorised over the batch) and say whether it drifted:
+Detectors take a batch at a time and say whether it drifted. river is the engine for the
+streams of one signal (the model's per-row loss): its detectors get each value of a batch in
+order, so a batch gives exactly river's alarms, row for row:
 
-- :class:`PageHinkley`: cumulative deviations of a signal (the model's per-row loss) from its
-  running mean, two-sided: fires on an increase or a decrease of the mean;
-- :class:`ADWIN`: the adaptive window of Bifet & Gavaldà (2007), cuts spaced like ADWIN2's
-  exponential histogram and tested at once with its variance-aware (Bernstein) bound — river's
-  sensitivity, on batches; on drift the values before the change are dropped;
+- :class:`PageHinkley`: river's Page-Hinkley, two-sided by default (an increase or a decrease of
+  the mean);
+- :class:`ADWIN`: river's adaptive window (Bifet & Gavaldà 2007);
 - :class:`KSDrift`: a two-sample Kolmogorov-Smirnov test per feature between a reference
   window and the latest batch, Bonferroni-corrected — covariate drift, before labels arrive; the
   reference moves to the new distribution after an alarm.
@@ -17,15 +17,16 @@ re-partition the recent rows. :func:`score_alarms` turns alarms into delay and f
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
+from river import drift as river_drift
 from scipy import stats
 
+from ..checks import check_int, check_number
 from . import ordinal
 from .checks import _tensor, check_features, check_labels
 from .partition import DataPartition, adaptive_partition, choose_granularity
@@ -38,126 +39,74 @@ def _check_batch(v: torch.Tensor | np.ndarray | Sequence[float], name: str = "ba
     return v
 
 
-class PageHinkley:
-    """Page-Hinkley test for a change in the mean of a stream: an increase (``mode="up"``), a
-    decrease (``"down"``) or either (``"both"``, the default).
+class _RiverDetector:
+    """A river drift detector fed a batch at a time: each value goes to river's ``update`` in
+    order, so alarms are river's own, row for row, whatever the batch size. ``fired_at`` is the
+    position in the last batch of the first value on which river fired (None: it did not)."""
 
-    Two cumulative sums of deviations from the running mean are kept, one biased down by
-    ``delta`` (it climbs on an increase) and one biased up (it falls on a decrease); an alarm
-    is raised when the first rises ``threshold`` above its lowest value or the second falls
-    ``threshold`` below its highest, after ``min_samples`` values. On an alarm the state restarts
-    from the value after the one that fired, so a batch gives what the values one by one give;
-    ``fired_at`` is the position in the batch of the (first) value that fired.
-    """
+    def __init__(self, **params):
+        self.params = params
+        self.reset()
+
+    def _make(self):
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        self.detector = self._make()
+        self.fired_at: int | None = None
+
+    def update(self, batch) -> bool:
+        self.fired_at = None
+        values = _check_batch(batch).tolist()
+        for i, value in enumerate(values):
+            self.detector.update(value)
+            if self.detector.drift_detected and self.fired_at is None:
+                self.fired_at = i
+        return self.fired_at is not None
+
+
+class PageHinkley(_RiverDetector):
+    """river's Page-Hinkley test for a change in the mean of a stream: an increase
+    (``mode="up"``), a decrease (``"down"``) or either (``"both"``, the default). ``alpha`` is
+    river's forgetting factor of the running mean (1: no forgetting)."""
 
     MODES = ("up", "down", "both")
 
-    def __init__(self, delta: float = 0.005, threshold: float = 50.0, min_samples: int = 30, mode: str = "both"):
-        if not delta >= 0 or not threshold > 0 or min_samples < 1:
-            raise ValueError(f"need delta >= 0, threshold > 0, min_samples >= 1; got {delta!r}, {threshold!r}, {min_samples!r}")
+    def __init__(self, delta: float = 0.005, threshold: float = 50.0, min_samples: int = 30, mode: str = "both",
+                 alpha: float = 0.9999):
+        check_number("delta", delta, 0)
+        check_number("threshold", threshold, 0, open_low=True)
+        check_int("min_samples", min_samples, 1)
+        check_number("alpha", alpha, 0, 1, open_low=True)
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        self.delta, self.threshold, self.min_samples, self.mode = delta, threshold, min_samples, mode
-        self.reset()
+        super().__init__(delta=delta, threshold=threshold, min_instances=min_samples, mode=mode, alpha=alpha)
 
-    def reset(self) -> None:
-        self.fired_at: int | None = None  # position in the last batch of the value that fired
-        self.n, self.total = 0, 0.0
-        self.cum, self.low = 0.0, 0.0  # sum of (value - mean - delta) and its minimum
-        self.cum_down, self.high = 0.0, 0.0  # sum of (value - mean + delta) and its maximum
-
-    def update(self, batch) -> bool:
-        v = _check_batch(batch)
-        if len(v) == 0:
-            return False
-        n = self.n + torch.arange(1, len(v) + 1, dtype=torch.float64)
-        dev = v - (self.total + torch.cumsum(v, 0)) / n
-        cum = self.cum + torch.cumsum(dev - self.delta, 0)
-        low = torch.minimum(torch.cummin(cum, 0).values, torch.tensor(self.low, dtype=torch.float64))
-        cum_down = self.cum_down + torch.cumsum(dev + self.delta, 0)
-        high = torch.maximum(torch.cummax(cum_down, 0).values, torch.tensor(self.high, dtype=torch.float64))
-        up, down = (cum - low) > self.threshold, (high - cum_down) > self.threshold
-        fired = {"up": up, "down": down, "both": up | down}[self.mode] & (n >= self.min_samples)
-        if fired.any():
-            at = int(fired.nonzero()[0, 0])
-            self.reset()
-            self.update(v[at + 1:])  # the test restarts after the value that fired, as row by row
-            self.fired_at = at
-            return True
-        self.n, self.total = int(n[-1]), float(self.total + v.sum())
-        self.cum, self.low = float(cum[-1]), float(low[-1])
-        self.cum_down, self.high = float(cum_down[-1]), float(high[-1])
-        return False
+    def _make(self):
+        return river_drift.PageHinkley(**self.params)
 
 
-class ADWIN:
-    """Adaptive windowing (Bifet & Gavaldà 2007) over the last ``max_window`` values.
+class ADWIN(_RiverDetector):
+    """river's ADWIN (Bifet & Gavaldà 2007): a window that drops its oldest values whenever two
+    sub-windows' means differ by more than a variance-aware bound with confidence ``delta``,
+    tested every ``clock`` values. ``mean`` is the mean of the current window."""
 
-    Every ``clock`` values the window is split at cuts spaced like ADWIN2's exponential histogram
-    (``buckets`` cuts per doubling of the distance from the newest value: dense near the end,
-    where a change shows first, sparse in the past), and a cut whose two sides' means differ by
-    more than the variance-aware (Bernstein) bound with confidence ``delta / ln n`` signals a
-    change. On a change the oldest values are dropped up to the first such cut and the test is
-    repeated, until no cut is significant: the window keeps the longest recent stretch with
-    one mean. All cuts are tested at once, vectorised over the window.
-    """
+    def __init__(self, delta: float = 0.002, clock: int = 32, min_side: int = 5, grace_period: int = 10):
+        check_number("delta", delta, 0, 1, open_low=True, open_high=True)
+        for name, v in (("clock", clock), ("min_side", min_side), ("grace_period", grace_period)):
+            check_int(name, v, 1)
+        super().__init__(delta=delta, clock=clock, min_window_length=min_side, grace_period=grace_period)
 
-    def __init__(self, delta: float = 0.002, max_window: int = 8192, min_side: int = 5, clock: int = 16,
-                 buckets: int = 5):
-        if not 0 < delta < 1 or max_window < 2 * min_side or min_side < 1 or clock < 1 or buckets < 1:
-            raise ValueError(f"need 0 < delta < 1, min_side >= 1, max_window >= 2 min_side, clock >= 1, buckets >= 1; got "
-                             f"{delta!r}, {max_window!r}, {min_side!r}, {clock!r}, {buckets!r}")
-        self.delta, self.max_window, self.min_side, self.clock, self.buckets = delta, max_window, min_side, clock, buckets
-        self.reset()
-
-    def reset(self) -> None:
-        self.window = torch.zeros(0, dtype=torch.float64)
-        self.since = 0  # values since the last test
+    def _make(self):
+        return river_drift.ADWIN(**self.params)
 
     @property
     def mean(self) -> float:
-        return float(self.window.mean()) if len(self.window) else float("nan")
+        return float(self.detector.estimation) if self.detector.width else float("nan")
 
-    def _offsets(self, n: int) -> torch.Tensor:
-        """Distances from the newest value of the cuts: ``buckets`` of 1, then of 2, 4, ..."""
-        out, d, size = [], 0, 1
-        while d < n:
-            for _ in range(self.buckets):
-                d += size
-                out.append(d)
-            size *= 2
-        return torch.tensor(out)
-
-    def _first_cut(self, w: torch.Tensor) -> int | None:
-        n = len(w)
-        if n < 2 * self.min_side:
-            return None
-        cuts = n - self._offsets(n)
-        cuts = cuts[(cuts >= self.min_side) & (n - cuts >= self.min_side)]
-        if len(cuts) == 0:
-            return None
-        csum = torch.cumsum(w, 0)
-        n0, n1 = cuts.double(), (n - cuts).double()
-        mu0 = csum[cuts - 1] / n0
-        mu1 = (csum[-1] - csum[cuts - 1]) / n1
-        inv_m = 1 / (n0 - self.min_side + 1) + 1 / (n1 - self.min_side + 1)
-        log_term = math.log(2 * math.log(n) / self.delta)
-        var = float(w.var(correction=0))
-        eps = torch.sqrt(2 * var * log_term * inv_m) + 2 / 3 * log_term * inv_m
-        hit = (mu0 - mu1).abs() > eps
-        return int(cuts[hit].max()) if hit.any() else None
-
-    def update(self, batch) -> bool:
-        v = _check_batch(batch)
-        self.window = torch.cat([self.window, v])[-self.max_window:]
-        self.since += len(v)
-        if self.since < self.clock:
-            return False
-        self.since = 0
-        drifted = False
-        while (cut := self._first_cut(self.window)) is not None:
-            self.window, drifted = self.window[cut:], True
-        return drifted
+    @property
+    def width(self) -> int:
+        return int(self.detector.width)
 
 
 class KSDrift:
@@ -170,10 +119,8 @@ class KSDrift:
     """
 
     def __init__(self, alpha: float = 1e-3, reference: torch.Tensor | None = None, reference_rows: int = 500):
-        if not 0 < alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-        if isinstance(reference_rows, bool) or not isinstance(reference_rows, int) or reference_rows < 1:
-            raise ValueError(f"reference_rows must be an int >= 1, got {reference_rows!r}")
+        check_number("alpha", alpha, 0, 1, open_low=True, open_high=True)
+        check_int("reference_rows", reference_rows, 1)
         self.alpha, self.reference_rows = alpha, reference_rows
         self.reference = None if reference is None else np.asarray(reference, dtype=float)
         self.last_p = float("nan")
