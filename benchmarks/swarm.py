@@ -65,11 +65,23 @@ Run from the repository root::
     .venv/bin/python benchmarks/swarm.py                  # full run, about 30 min on 2 CPU cores
     .venv/bin/python benchmarks/swarm.py --quick          # under 3 min (pbt on the first seed only)
     .venv/bin/python benchmarks/swarm.py --json out.json  # also write the tables, curves and machine
+    .venv/bin/python benchmarks/swarm.py --quick --overhead-only --device cuda --members 64
+
+Overhead on equal work (``run_overhead``, first): the swarm against a plain loop over the same
+members (a module and ``torch.optim.SGD`` each, ``steps`` steps per member per round, batches
+drawn on the device) for three populations of ``--members`` members (``overhead_populations``:
+identical, all different, a mix), equal steps and no evolution; the swarm's seconds are its
+rounds less the evaluation (``Swarm.phase_s``), so they include its reports and watch. After one
+warm-up round each; repeats interleaved, medians. It runs on ``--device`` (default cpu); the
+population search always runs on the CPU.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import io
+import itertools
 import logging
 import math
 import os
@@ -92,7 +104,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adaptive_kit import datasets
-from adaptive_kit.swarm import Swarm, SwarmConfig
+from adaptive_kit.devices import pick_device
+from adaptive_kit.swarm import RANDOM_SEARCH, Swarm, SwarmConfig
 from adaptive_kit.swarm.spec import Layer, MemberSpec, SearchSpace, build_model
 
 # Targets (val acc; the validation set has 270 rows, so steps of 1/270 = 0.0037), calibrated with
@@ -640,7 +653,8 @@ def run_swarm(problem: Problem, seed: int, budget: Budget) -> Curve:
     cfg = SwarmConfig(members=budget.members, steps_per_round=SWARM_STEPS, seed=seed, space=problem.space,
                       image_shape=problem.image_shape)
     data = datasets.Split(problem.x_train, problem.y_train, problem.x_test, problem.y_test)
-    swarm = Swarm(data, cfg, specs=random_specs(problem, budget.members), val=(problem.x_val, problem.y_val))
+    swarm = Swarm(data, cfg, specs=random_specs(problem, budget.members), val=(problem.x_val, problem.y_val),
+                  device="cpu")
     n_train = len(problem.y_train)
     clock.step()
     consumed, test_s, work, rounds = 0.0, 0.0, 0.0, 0
@@ -670,6 +684,129 @@ def run_swarm(problem: Problem, seed: int, budget: Budget) -> Curve:
 
 RUNNERS: dict[str, Callable[[Problem, int, Budget], Curve]] = {
     "random": run_random, "optuna": run_optuna, "pbt": run_pbt, "swarm": run_swarm}
+
+
+# ================================================================================ overhead on equal work
+OVERHEAD_TARGET = 1.15  # swarm seconds / plain-loop seconds for the same member-steps
+OVERHEAD = {"quick": {"rounds": 3, "steps": 40, "repeats": 3}, "full": {"rounds": 6, "steps": 40, "repeats": 7}}
+
+
+def distinct_archs(n: int, seed: int = 0) -> list[tuple[Layer, ...]]:
+    """``n`` different architectures for the digits inputs, drawn without repeats (seeded) from
+    MLPs of 1-2 layers (widths 16-128, relu / tanh / gelu) and small conv nets."""
+    pool: list[tuple[Layer, ...]] = []
+    for depth in (1, 2):
+        for widths in itertools.product((16, 32, 64, 128), repeat=depth):
+            pool += [tuple(Layer("linear", w, a) for w in widths) for a in ("relu", "tanh", "gelu")]
+    for c in (2, 4, 8):
+        pool += [(Layer("conv", c, a),) + tail for a in ("relu", "tanh") for tail in ((), (Layer("linear", 32),))]
+    if n > len(pool):
+        raise ValueError(f"distinct_archs(n={n}): at most {len(pool)} architectures")
+    order = np.random.default_rng(seed).permutation(len(pool))
+    return [pool[i] for i in order[:n]]
+
+
+def overhead_populations(n: int) -> dict[str, list[MemberSpec]]:
+    """Three populations of ``n`` members with their own hyper-parameters: ``identical`` (one
+    architecture), ``different`` (``n`` architectures) and ``mix`` (5/8 of one architecture, 1/4
+    of a second, the rest different)."""
+    def hp(i: int) -> dict:
+        return {"lr": 0.01 * (1 + i % 10), "momentum": 0.9 * (i % 3) / 2, "weight_decay": 1e-4 * (i % 4)}
+
+    one, two = (Layer("linear", 64),), (Layer("linear", 32), Layer("linear", 16))
+    archs = [a for a in distinct_archs(n + 2) if a not in (one, two)][:n]
+    n_one, n_two = n * 5 // 8, n // 4
+    mix = [one] * n_one + [two] * n_two + archs[:n - n_one - n_two]
+    return {name: [MemberSpec(a, **hp(i)) for i, a in enumerate(layers)]
+            for name, layers in (("identical", [one] * n), ("different", archs), ("mix", mix))}
+
+
+def plain_loop_s(problem: Problem, specs: list[MemberSpec], rounds: int, steps: int, device: torch.device) -> float:
+    """Seconds of the same member-steps in a plain loop: per member a module and torch.optim.SGD,
+    ``steps`` steps each per round, batches drawn on the device; after one warm-up round."""
+    x, y = problem.x_train.to(device), problem.y_train.to(device)
+    members = []
+    for i, spec in enumerate(specs):
+        torch.manual_seed(i)
+        net = problem.build(spec).to(device)
+        members.append((net, sgd(net, spec), torch.Generator(device=device).manual_seed(i), spec.batch_size))
+
+    def one_round() -> None:
+        for net, opt, gen, bs in members:
+            for _ in range(steps):
+                idx = torch.randint(len(y), (bs,), generator=gen, device=device)
+                loss = F.cross_entropy(net(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+    one_round()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        one_round()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def swarm_loop_s(problem: Problem, specs: list[MemberSpec], rounds: int, steps: int,
+                 device: torch.device) -> dict:
+    """The swarm on the same members (equal steps, no evolution): seconds of its rounds without
+    the evaluation, of its training alone, and its vmap groups; after one warm-up round."""
+    cfg = SwarmConfig(members=len(specs), steps_per_round=steps, seed=0, optimiser=RANDOM_SEARCH,
+                      image_shape=problem.image_shape)
+    data = datasets.Split(problem.x_train, problem.y_train, problem.x_test, problem.y_test)
+    with Swarm(data, cfg, specs=specs, val=(problem.x_val, problem.y_val), device=device) as swarm:
+        swarm.step()
+        before = dict(swarm.phase_s)
+        for _ in range(rounds):
+            swarm.step()
+        spent = {k: v - before[k] for k, v in swarm.phase_s.items()}
+        groups = swarm.groups(swarm.members)
+        steps_taken = sum(m.steps for m in swarm.members)
+    return {"swarm_s": spent["round"] - spent["evaluate"], "train_s": spent["train"], "eval_s": spent["evaluate"],
+            "vmap_groups": sum(len(g) > 1 for g in groups), "plain_members": sum(len(g) == 1 for g in groups),
+            "member_steps": steps_taken * rounds // (rounds + 1)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_overhead(device: torch.device, members: int, quick: bool) -> pd.DataFrame:
+    """Swarm against a plain torch.optim.SGD loop over the same members and steps, per population;
+    repeats interleaved (the order alternates), medians reported."""
+    size = OVERHEAD["quick" if quick else "full"]
+    problem = dataclasses.replace(make_problem("digits", 0), image_shape=(1, 8, 8))  # conv members too
+    rows = []
+    for name, specs in overhead_populations(members).items():
+        reps = []
+        for r in range(size["repeats"]):
+            if r % 2:
+                sw = swarm_loop_s(problem, specs, size["rounds"], size["steps"], device)
+                plain = plain_loop_s(problem, specs, size["rounds"], size["steps"], device)
+            else:
+                plain = plain_loop_s(problem, specs, size["rounds"], size["steps"], device)
+                sw = swarm_loop_s(problem, specs, size["rounds"], size["steps"], device)
+            reps.append({**sw, "plain_s": plain, "x_plain": sw["swarm_s"] / plain, "x_plain_train": sw["train_s"] / plain})
+        med = pd.DataFrame(reps).median(numeric_only=True)
+        rows.append({"population": name, "device": str(device), "members": members,
+                     "archs": len({s.layers for s in specs}), "vmap_groups": int(med["vmap_groups"]),
+                     "plain_members": int(med["plain_members"]), "member_steps": int(med["member_steps"]),
+                     "plain_s": med["plain_s"], "swarm_s": med["swarm_s"], "train_s": med["train_s"],
+                     "eval_s": med["eval_s"], "x_plain": med["x_plain"], "x_plain_train": med["x_plain_train"],
+                     "x_plain_max": max(r["x_plain"] for r in reps), "repeats": len(reps),
+                     "met": bool(med["x_plain"] <= OVERHEAD_TARGET)})
+    return pd.DataFrame(rows)
+
+
+def show_overhead(table: pd.DataFrame) -> None:
+    show(f"overhead on equal work: swarm vs a plain torch.optim.SGD loop over the same members and steps "
+         f"(target x_plain <= {OVERHEAD_TARGET})", table, 3,
+         note="swarm_s: its rounds less the evaluation (training, reports on the bus, watch); train_s: training "
+              "alone; plain_s: the plain loop; x_plain = swarm_s / plain_s, x_plain_train = train_s / plain_s "
+              "(medians of interleaved repeats; x_plain_max: the worst repeat)")
 
 
 # ================================================================================ main
@@ -715,15 +852,37 @@ def run_problem(name: str, plan: Plan, bar) -> dict:
     return {"curves": curves, "per_seed": per, "table": table, "pure_s": pure, "plan": plan}
 
 
+def own_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """This benchmark's own options; the rest go to ``machine.parse_args``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--device", default="cpu", help="device of the overhead section (default cpu)")
+    parser.add_argument("--members", type=int, default=8, help="members of each overhead population (default 8)")
+    parser.add_argument("--overhead-only", action="store_true", help="run the overhead section alone")
+    own, rest = parser.parse_known_args(argv)
+    if own.members < 4:
+        parser.error(f"--members must be >= 4, got {own.members}")
+    return own, rest
+
+
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(__doc__.splitlines()[0], "2 + 1 seeds and 8 x 8 / 8 x 4 member-epochs (under 3 minutes)", argv)
+    own, rest = own_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(__doc__.splitlines()[0], "2 + 1 seeds and 8 x 8 / 8 x 4 member-epochs (under 3 minutes)", rest)
+    device = pick_device(own.device)
     plan = QUICK if args.quick else FULL
-    info = describe(torch.device("cpu"))  # small models: everything runs on the CPU
-    print(f"device=cpu cpu={info['cpu']!r} cores={info['cpu_count']} threads={info['torch_threads']} "
+    info = describe(device)  # the population search runs on the CPU (small models); the overhead section on device
+    print(f"device={device} cpu={info['cpu']!r} cores={info['cpu_count']} threads={info['torch_threads']} "
           f"torch={info['torch']} mode={'quick' if args.quick else 'full'} "
           f"load average at start={os.getloadavg()[0]:.2f}")
     t_start = time.perf_counter()
     out: dict = {"machine": info, "mode": "quick" if args.quick else "full", "targets": TARGET, "problems": {}}
+    overhead = run_overhead(device, own.members, args.quick)
+    show_overhead(overhead)
+    out["overhead"] = overhead.to_dict(orient="records")
+    if own.overhead_only:
+        out["runtime_s"] = round(time.perf_counter() - t_start, 1)
+        print(f"total {out['runtime_s']:.0f} s; load average at end={os.getloadavg()[0]:.2f}")
+        write_json(args.json, out)
+        return out
     warm_up()
     jobs = sum(len(p.seeds) * (len(METHODS) + 1) for p in plan.values())
     results = {}

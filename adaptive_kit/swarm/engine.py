@@ -166,6 +166,9 @@ class Swarm:
         self._rows: list[dict[str, Any]] = []
         self._allocated = np.zeros(config.members, dtype=np.int64)
         self.watch = Watch(config.watch)
+        # seconds spent so far in training (every member's steps), in the evaluation after it, and
+        # in whole rounds (training, evaluation, reports, evolution); each phase ends with the device idle
+        self.phase_s = {"train": 0.0, "evaluate": 0.0, "round": 0.0}
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)
         self.collector: Collector | None = None
@@ -235,7 +238,7 @@ class Swarm:
         """Run one round; returns False (and does nothing) while :attr:`paused`."""
         if self.paused:
             return False
-        cfg, t_round = self.config, time.time()
+        cfg, t_round = self.config, time.perf_counter()
         active = np.array([m.active for m in self.members])
         measured = np.isfinite([m.val_acc for m in self.members])
         policy = self.policy if measured[active].all() else OptimiserConfig(allocation="equal")
@@ -249,10 +252,13 @@ class Swarm:
         losses: dict[int, np.ndarray] = {}
         groups = self.groups(owned)
         first_step = {m.id: m.steps for m in owned}
+        t0 = time.perf_counter()
         for group in groups:
             losses.update(self._train_safely(group))
+        t1 = time.perf_counter()
         for group in groups:
             self._evaluate([m for m in group if m.active])
+        t2 = time.perf_counter()
         self._observe(owned, losses, first_step)
         self._exchange()
         self._report(owned, losses, first_step, t_round)
@@ -260,6 +266,8 @@ class Swarm:
         pol = self.policy
         if pol.exploit_every and self.round >= pol.warmup_rounds and self.round % pol.exploit_every == 0:
             self._evolve()
+        for phase, secs in (("train", t1 - t0), ("evaluate", t2 - t1), ("round", time.perf_counter() - t_round)):
+            self.phase_s[phase] += secs
         return True
 
     def run(self, rounds: int, *, progress: bool = True,
