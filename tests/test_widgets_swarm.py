@@ -19,6 +19,7 @@ from widgets.swarm import (
     layer_dash,
     lineage_figure,
     palette_colors,
+    sparse_edges,
 )
 
 MEMBERS, STEPS = 6, 5
@@ -95,6 +96,15 @@ def test_heatmap_and_nodes_hold_what_the_bus_carried(make):
     assert res["steps_last"] == last["steps"].tolist() and res["n_params"] == last["n_params"].tolist()
 
 
+def _nearest(sim: np.ndarray, t: float, k: int) -> set[tuple[int, int]]:
+    """Brute force: each member's k most similar others (ties: lower index) at similarity >= t."""
+    n, out = len(sim), set()
+    for a in range(n):
+        others = sorted((b for b in range(n) if b != a), key=lambda b: (-sim[a, b], b))[:k]
+        out |= {(min(a, b), max(a, b)) for b in others if sim[a, b] >= t}
+    return out
+
+
 def test_the_threshold_moves_edges_and_relayouts_only_when_they_change(make):
     panel = make(members=8)
     sim = panel.swarm.config.similarity.matrix([m.spec for m in panel.swarm.members])
@@ -103,11 +113,11 @@ def test_the_threshold_moves_edges_and_relayouts_only_when_they_change(make):
     counts = []
     for t in (0.0, float(np.median(off)), 1.0):
         panel.threshold.value = t
-        expected = {(a, b) for a in range(8) for b in range(a + 1, 8) if sim[a, b] >= t}
+        expected = _nearest(sim, t, 3)
         assert panel.edges == expected and set(panel.graph.edges) == expected
         assert len(panel.edge_source.data["x0"]) == len(expected) == panel.graph.number_of_edges()
         counts.append(len(expected))
-    assert counts[0] == 28 and counts[0] > counts[1] > counts[2]
+    assert 8 * 3 / 2 <= counts[0] <= 8 * 3 and counts[0] >= counts[1] >= counts[2]
     layouts, xy = panel.layouts, list(panel.node_source.data["x"])
     panel.threshold.value = 0.999  # no pair between 0.999 and 1: the same edges, the same layout
     assert panel.layouts == layouts and panel.node_source.data["x"] == xy
@@ -319,3 +329,30 @@ def test_lineage_figure_draws_a_segment_per_parent_and_a_marker_per_event():
     assert list(zip(segments["y0"], segments["y1"])) == [(0, 2), (0, 3), (1, 3)]
     assert markers["kind"] == ["quarantine", "exploit", "breed"] and markers["parents"] == ["-", "0", "0 × 1"]
     assert markers["color"][0] == ALARM_COLOR and len(fig.renderers[0].data_source.data["y0"]) == 4
+
+
+@pytest.mark.parametrize("n, k", [(16, 3), (64, 3), (256, 4)])
+def test_sparse_edges_are_each_members_nearest_and_stay_few(n, k):
+    rng = np.random.default_rng(n)
+    x = rng.random((n, 5))
+    sim = 1 - np.abs(x[:, None, :] - x[None, :, :]).mean(-1)  # symmetric, 1 on the diagonal
+    t = float(np.quantile(sim, 0.3))
+    edges = sparse_edges(sim, t, k)
+    assert edges == _nearest(sim, t, k)
+    assert len(edges) <= n * k and all(a < b for a, b in edges)
+
+
+def test_sparse_edges_reject_bad_input():
+    with pytest.raises(ValueError, match="neighbours=0"):
+        sparse_edges(np.eye(3), 0.5, 0)
+    with pytest.raises(ValueError, match="not square"):
+        sparse_edges(np.ones((2, 3)), 0.5, 2)
+
+
+def test_a_big_swarm_is_drawn_sparse_and_labelled_only_where_selected(make):
+    panel = make(members=40)
+    panel.tick()
+    assert len(panel.edges) <= 40 * 3
+    panel.select([2, 5])
+    labels = panel.node_source.data["label"]
+    assert [i for i, lb in enumerate(labels) if lb] == [2, 5] and labels[2] == "2"

@@ -1,318 +1,64 @@
 """The predictive-partitioning panel: the model graph by stage, stage loads against the anchors,
-the pipeline schedule, and the runtime controller reacting live to a device you slow down."""
+the pipeline schedule, and the runtime controller reacting live to a device you slow down.
+
+The static views and the plan comparison live in :mod:`widgets.partition_plots`; their names are
+importable from here too."""
 from __future__ import annotations
 
 import html
 import math
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 
 import ipywidgets as w
 import networkx as nx
 import numpy as np
 import pandas as pd
 import torch
-from bokeh.models import ColumnDataSource, FactorRange, HoverTool, MultiLine, Scatter, Span
-from bokeh.palettes import Category10_10
+from bokeh.models import ColumnDataSource, HoverTool
 from bokeh.plotting import figure, from_networkx
 from jupyter_bokeh.widgets import BokehModel
 
-from adaptive_kit.partition import (
-    Bound,
-    EmulatedPipeline,
-    ModelPlan,
-    Simulation,
-    best_plan,
-    metis_parts,
-    milp_bound,
-    plan_model,
-    repair,
-    simulate,
-    stage_graph,
-)
+from adaptive_kit.partition import EmulatedPipeline, ModelPlan, Simulation, plan_model
 from adaptive_kit.partition.models import zoo
 from adaptive_kit.partition.simulate import SCHEDULES
 
-from .common import LivePlot, Panel, control_row, panel_layout
+from .common import LivePlot, Panel, ThrottledStream, control_row, panel_layout
+from .partition_plots import (
+    ANCHORS,
+    KIND_COLORS,
+    MAX_K,
+    METHOD_COLORS,
+    METHODS,
+    METIS,
+    OURS,
+    STAGE_COLORS,
+    Comparison,
+    _bar_data,
+    _graph_renderer,
+    _style_graph,
+    compare_plans,
+    forecast_figure,
+    gantt_data,
+    gantt_figure,
+    graph_figure,
+    interval_figure,
+    layered_layout,
+    load_bars,
+    ratio_bars,
+    schedule_of,
+    stage_key,
+    stage_loads,
+    throughput_figure,
+)
+from .plots import house_style, set_colour_key, set_title
 
-OURS = "ours"
-METIS = "METIS (repaired)"
-ANCHORS = ("equal layers", "parameter balanced", "GPipe balance")
-METHODS = (OURS, *ANCHORS, METIS)  # the order of the stage-load bars
-STAGE_COLORS = Category10_10  # stage j's colour in every plot (k <= 10)
-METHOD_COLORS = dict(zip(METHODS, (Category10_10[3], Category10_10[7], Category10_10[8], Category10_10[9],
-                                   Category10_10[5])))
-KIND_COLORS = {"F": Category10_10[0], "B": Category10_10[1], "U": Category10_10[7]}
-MAX_K = 8  # the panel's k slider; the live load plot has glyphs for this many devices
-
-
-def _anchor_functions() -> dict[str, Callable]:
-    """The baseline partitioners of :mod:`adaptive_kit.partition.anchors` by display name."""
-    from adaptive_kit.partition import anchors
-
-    return {"equal layers": anchors.equal_layers, "parameter balanced": anchors.parameter_balanced,
-            "GPipe balance": anchors.gpipe_balance}
-
-
-# --- plans side by side --------------------------------------------------------------------------
-
-@dataclass
-class Comparison:
-    """Stage plans of one graph by every method, their stage loads (seconds at speed 1) and
-    what failed: ``errors`` maps a method to its message; ``metis_cyclic`` says whether METIS's
-    raw parts had a cycle among stages (so :func:`~adaptive_kit.partition.repair` had to fix it)."""
-
-    k: int
-    plans: dict[str, dict[str, int]] = field(default_factory=dict)
-    loads: dict[str, np.ndarray] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    metis_cyclic: bool | None = None
-    bound: Bound | None = None
-
-    def bottlenecks(self) -> dict[str, float]:
-        """The slowest stage's seconds per method."""
-        return {m: float(v.max()) for m, v in self.loads.items()}
+__all__ = ["ANCHORS", "KIND_COLORS", "MAX_K", "METHODS", "METHOD_COLORS", "METIS", "OURS", "STAGE_COLORS",
+           "Comparison", "LiveLoads", "PartitionPanel", "compare_plans", "forecast_figure", "gantt_data",
+           "gantt_figure", "graph_figure", "interval_figure", "layered_layout", "load_bars", "ratio_bars",
+           "schedule_of", "stage_loads", "throughput_figure"]
 
 
-def stage_loads(g: nx.DiGraph, stage_of: Mapping[str, int], k: int, cost: str = "cost_s") -> np.ndarray:
-    """(k,) summed node ``cost`` of each stage."""
-    loads = np.zeros(k)
-    for v, j in stage_of.items():
-        loads[j] += g.nodes[v][cost]
-    return loads
-
-
-def compare_plans(g: nx.DiGraph, k: int, *, cost: str = "cost_s", ours: Mapping[str, int] | None = None,
-                  bound_time_s: float = 0.0, seed: int = 0) -> Comparison:
-    """Ours (``best_plan``, or the plan given), the three anchors and METIS (repaired) on ``g``.
-
-    A method that raises (an anchor asked for more stages than layers, pymetis missing) is left
-    out and its message kept in ``errors``. With ``bound_time_s`` > 0 the MILP lower bound is
-    computed within that time.
-    """
-    out = Comparison(k)
-    makers: dict[str, Callable[[], dict[str, int]]] = {
-        OURS: (lambda: dict(ours)) if ours is not None else (lambda: best_plan(g, k, cost=cost).stage_of)}
-    try:
-        makers |= {name: (lambda fn=fn: fn(g, k, cost)) for name, fn in _anchor_functions().items()}
-    except ImportError as e:
-        out.errors |= {name: f"unavailable: {e}" for name in ANCHORS}
-
-    def metis() -> dict[str, int]:
-        raw = metis_parts(g, k, cost, seed=seed)
-        out.metis_cyclic = not nx.is_directed_acyclic_graph(stage_graph(g, raw))
-        return repair(g, raw)
-
-    makers[METIS] = metis
-    for name, make in makers.items():
-        try:
-            out.plans[name] = make()
-        except Exception as e:  # noqa: BLE001 - a failed baseline is reported, not fatal
-            out.errors[name] = f"{type(e).__name__}: {e}"
-            continue
-        out.loads[name] = stage_loads(g, out.plans[name], k, cost)
-    if bound_time_s > 0:
-        out.bound = milp_bound(g, k, cost=cost, time_limit=bound_time_s)
-    return out
-
-
-# --- the graph -------------------------------------------------------------------------------------
-
-def layered_layout(g: nx.DiGraph) -> dict[str, tuple[float, float]]:
-    """Node positions: x the topological generation (distance from the inputs), y spread evenly
-    and centred within a generation, in the graph's own node order."""
-    rank = {v: i for i, v in enumerate(g.nodes)}
-    pos = {}
-    for x, gen in enumerate(nx.topological_generations(g)):
-        for i, v in enumerate(sorted(gen, key=rank.__getitem__)):
-            pos[v] = (float(x), i - (len(gen) - 1) / 2)
-    return pos
-
-
-def _graph_renderer(g: nx.DiGraph, stage_of: Mapping[str, int], cost: str):
-    """``from_networkx`` with a layered layout; node columns ``stage``, ``color``, ``size`` and ``cost_ms``."""
-    r = from_networkx(g, layered_layout(g))
-    data = r.node_renderer.data_source.data
-    c = np.array([float(g.nodes[v].get(cost, 0.0)) for v in data["index"]])
-    top = c.max() if len(c) and c.max() > 0 else 1.0
-    data["stage"] = [int(stage_of[v]) for v in data["index"]]
-    data["color"] = [STAGE_COLORS[j % 10] for j in data["stage"]]
-    data["size"] = (5 + 17 * np.sqrt(c / top)).tolist()  # area ~ cost
-    data["cost_ms"] = (c * 1e3).tolist()
-    return r
-
-
-def graph_figure(g: nx.DiGraph, stage_of: Mapping[str, int], *, cost: str = "cost_s", title: str = "",
-                 width: int = 960, height: int = 300):
-    """The graph in a layered layout, nodes coloured by stage and sized by ``cost`` (hover: name,
-    operation, stage, milliseconds). The node source is ``fig.renderers[0].node_renderer.data_source``."""
-    fig = figure(title=title or f"{g.number_of_nodes()} nodes in {len(set(stage_of.values()))} stages",
-                 width=width, height=height, tools="pan,wheel_zoom,box_zoom,reset,save",
-                 x_axis_label="topological generation")
-    fig.yaxis.visible = False
-    fig.xgrid.visible = fig.ygrid.visible = False
-    r = _graph_renderer(g, stage_of, cost)
-    _style_graph(r)
-    fig.renderers.append(r)
-    fig.add_tools(HoverTool(renderers=[r], tooltips=[("node", "@index"), ("op", "@op @target"),
-                                                     ("stage", "@stage"), ("cost", "@cost_ms{0.000} ms")]))
-    return fig
-
-
-def _style_graph(r) -> None:
-    r.node_renderer.glyph = Scatter(size="size", fill_color="color", line_color="#333333", line_width=0.5)
-    r.edge_renderer.glyph = MultiLine(line_color="#888888", line_alpha=0.5, line_width=1)
-
-
-def load_bars(loads: Mapping[str, Sequence[float]], *, bound: float | None = None, title: str = "stage loads",
-              width: int = 560, height: int = 280):
-    """Grouped bars: each method's stage seconds side by side (ms), with the MILP lower bound on
-    the bottleneck as a dashed line when given."""
-    fig = figure(x_range=FactorRange(factors=[]), title=title, width=width, height=height,
-                 y_axis_label="ms per step (speed 1)", tools="save")
-    src = ColumnDataSource(_bar_data(loads))
-    fig.vbar(x="x", top="ms", width=0.85, color="color", source=src)
-    fig.x_range.factors = list(src.data["x"])
-    fig.xaxis.major_label_orientation = 1.2
-    fig.xaxis.major_label_text_font_size = "7pt"
-    span = Span(location=(bound or 0.0) * 1e3, dimension="width", line_dash="dashed", line_color="black",
-                visible=bound is not None)
-    fig.add_layout(span)
-    fig.add_tools(HoverTool(tooltips=[("", "@method, stage @stage"), ("ms", "@ms{0.000}"),
-                                      ("× bottleneck of ours", "@vs_ours{0.00}")]))
-    return fig, src, span
-
-
-def _bar_data(loads: Mapping[str, Sequence[float]]) -> dict[str, list]:
-    ours = max(loads[OURS]) if OURS in loads else math.nan
-    data: dict[str, list] = {"x": [], "method": [], "stage": [], "ms": [], "color": [], "vs_ours": []}
-    for method, v in loads.items():
-        for j, s in enumerate(v):
-            data["x"].append((method, str(j)))
-            data["method"].append(method)
-            data["stage"].append(j)
-            data["ms"].append(float(s) * 1e3)
-            data["color"].append(METHOD_COLORS.get(method, Category10_10[j % 10]))
-            data["vs_ours"].append(float(s) / ours)
-    return data
-
-
-def ratio_bars(table: pd.DataFrame, *, title: str = "bottleneck ÷ lower bound", y_label: str = "× lower bound",
-               width: int = 760, height: int = 300):
-    """Grouped bars of a (group x method) table, e.g. models x partitioners, with a line at 1."""
-    x = [(str(g), str(m)) for g in table.index for m in table.columns]
-    src = ColumnDataSource({"x": x, "group": [g for g, _ in x], "method": [m for _, m in x],
-                            "y": [float(table.loc[g, m]) for g in table.index for m in table.columns],
-                            "color": [METHOD_COLORS.get(m, Category10_10[i % 10])
-                                      for _ in table.index for i, m in enumerate(table.columns)]})
-    fig = figure(x_range=FactorRange(*x), title=title, width=width, height=height, y_axis_label=y_label,
-                 tools="save")
-    fig.vbar(x="x", top="y", width=0.85, color="color", source=src)
-    fig.add_layout(Span(location=1.0, dimension="width", line_dash="dashed", line_color="black"))
-    fig.xaxis.major_label_orientation = 1.2
-    fig.xaxis.major_label_text_font_size = "7pt"
-    fig.y_range.start = 0
-    fig.add_tools(HoverTool(tooltips=[("", "@group: @method"), (y_label, "@y{0.000}")]))
-    return fig
-
-
-def interval_figure(frame: pd.DataFrame, *, title: str = "one-step forecast with its interval",
-                    width: int = 760, height: int = 260):
-    """:func:`~adaptive_kit.partition.rolling_origin`'s frame: actual, ETS forecast and its interval."""
-    fig = figure(title=title, width=width, height=height, x_axis_label="t", y_axis_label="utilisation",
-                 tools="pan,wheel_zoom,reset,save")
-    fig.varea(frame["t"], _finite(frame["lower"]), _finite(frame["upper"]), color=Category10_10[1], alpha=0.2,
-              legend_label="ETS interval")
-    fig.line(frame["t"], frame["actual"], color="black", legend_label="actual")
-    fig.line(frame["t"], frame["ets"], color=Category10_10[1], line_width=2, legend_label="ETS")
-    fig.line(frame["t"], frame["seasonal_naive"], color=Category10_10[2], line_dash="dashed",
-             legend_label="seasonal naive")
-    fig.legend.location = "top_left"
-    fig.legend.click_policy = "hide"
-    return fig
-
-
-# --- the schedule ------------------------------------------------------------------------------------
-
-def schedule_of(stage_s: Sequence[float], micro: int, schedule: str) -> Simulation:
-    """One step of a plan whose stages take ``stage_s`` (forward + backward of the whole batch):
-    each micro-batch's forward is a third of its share, its backward two thirds."""
-    per = np.asarray(stage_s, dtype=float) / micro
-    return simulate(per / 3, 2 * per / 3, micro=micro, schedule=schedule)
-
-
-def gantt_data(events: pd.DataFrame) -> dict[str, list]:
-    """Columns for :func:`gantt_figure` from :attr:`Simulation.events` (times in ms)."""
-    return {"stage": events["stage"].astype(int).tolist(), "micro": events["micro"].astype(int).tolist(),
-            "kind": events["kind"].tolist(), "start": (events["start_s"] * 1e3).tolist(),
-            "end": (events["end_s"] * 1e3).tolist(),
-            "color": [KIND_COLORS.get(kd, "gray") for kd in events["kind"]]}
-
-
-def gantt_figure(events: pd.DataFrame, *, title: str = "pipeline schedule", width: int = 560,
-                 height: int = 260):
-    """Stage on y (stage 0 on top), time on x; forward bars blue, backward orange, labelled by micro-batch."""
-    src = ColumnDataSource(gantt_data(events))
-    k = int(events["stage"].max()) + 1 if len(events) else 1
-    fig = figure(title=title, width=width, height=height, x_axis_label="ms", y_axis_label="stage",
-                 y_range=(k - 0.5, -0.5), tools="xpan,xwheel_zoom,reset,save")
-    fig.hbar(y="stage", left="start", right="end", height=0.8, color="color", line_color="white",
-             source=src)
-    fig.scatter(x=[], y=[], color=KIND_COLORS["F"], legend_label="forward", marker="square")
-    fig.scatter(x=[], y=[], color=KIND_COLORS["B"], legend_label="backward", marker="square")
-    fig.legend.location = "bottom_right"
-    fig.yaxis.ticker = list(range(k))
-    fig.add_tools(HoverTool(tooltips=[("", "@kind micro-batch @micro on stage @stage"),
-                                      ("ms", "@start{0.000} – @end{0.000}")]))
-    return fig, src
-
-
-# --- the controller, static (for a finished run) -------------------------------------------------------
-
-def throughput_figure(frame: pd.DataFrame, *, title: str = "throughput against the optimum",
-                      width: int = 560, height: int = 260):
-    """:meth:`EmulatedPipeline.frame` as lines of throughput and optimum, re-partitions as red crosses."""
-    fig = figure(title=title, width=width, height=height, x_axis_label="window", y_axis_label="steps / s",
-                 tools="pan,wheel_zoom,reset,save")
-    fig.line(frame["window"], frame["throughput"], legend_label="throughput", color=Category10_10[0], line_width=2)
-    fig.line(frame["window"], frame["optimum"], legend_label="optimum", color="black", line_dash="dashed")
-    rep = frame[frame["repartition"]]
-    fig.scatter(rep["window"], rep["throughput"], marker="x", size=12, color="red", line_width=2,
-                legend_label="re-partition")
-    fig.legend.location = "bottom_right"
-    return fig
-
-
-def forecast_figure(history: pd.DataFrame, devices: Sequence[int] | None = None, *,
-                    title: str = "load factor: measured, forecast interval, assumed", width: int = 560,
-                    height: int = 260):
-    """Per device: the measured load (solid), the one-window-ahead forecast interval made the
-    window before (band), and the load the plan in force assumed (dotted), from
-    :meth:`Controller.history`."""
-    fig = figure(title=title, width=width, height=height, x_axis_label="window",
-                 y_axis_label="measured / predicted", tools="pan,wheel_zoom,reset,save")
-    for j in devices if devices is not None else sorted(history["device"].unique()):
-        h = history[history["device"] == j].sort_values("window")
-        color = STAGE_COLORS[j % 10]
-        x = h["window"].to_numpy()
-        lo, hi = _finite(h["lower"].to_numpy()), _finite(h["upper"].to_numpy())
-        fig.varea(x[:-1] + 1, lo[:-1], hi[:-1], color=color, alpha=0.2, legend_label=f"device {j}")
-        fig.line(x, h["load"], color=color, line_width=2, legend_label=f"device {j}")
-        fig.line(x, h["assumed"], color=color, line_dash="dotted", legend_label=f"device {j}")
-    fig.legend.location = "top_left"
-    fig.legend.click_policy = "hide"
-    return fig
-
-
-def _finite(a: np.ndarray) -> np.ndarray:
-    """Non-finite values (an interval before the forecaster has data) as NaN: bokeh leaves a gap."""
-    a = np.asarray(a, dtype=float).copy()
-    a[~np.isfinite(a)] = np.nan
-    return a
-
-
-class LiveLoads:
+class LiveLoads(ThrottledStream):
     """Per-device load factor streamed as the controller sees it: measured (solid), the forecast
     made the window before with its interval (dashed, band), the assumed load (dotted).
 
@@ -322,43 +68,35 @@ class LiveLoads:
     Attributes:
         source: columns ``window`` and ``load{j}``, ``forecast{j}``, ``lower{j}``, ``upper{j}``,
             ``assumed{j}`` for j < :data:`MAX_K`.
-        figure, widget (its ``BokehModel``), redraws.
+        figure, widget, redraws: see :class:`~widgets.common.ThrottledStream`.
     """
 
     FIELDS = ("load", "forecast", "lower", "upper", "assumed")
 
     def __init__(self, k: int, *, min_interval_s: float = 0.5, rollover: int = 2000, width: int = 560,
                  height: int = 260) -> None:
-        if min_interval_s < 0:
-            raise ValueError(f"LiveLoads(min_interval_s={min_interval_s!r}): must be >= 0")
-        self.min_interval_s, self.rollover = min_interval_s, rollover
-        self.source = ColumnDataSource(self._empty())
-        self.figure = figure(title="load per device: measured, forecast ± interval, assumed", width=width,
-                             height=height, x_axis_label="window", y_axis_label="measured / predicted",
-                             tools="pan,wheel_zoom,reset,save")
+        self.source = ColumnDataSource(self._empty_columns())
+        fig = figure(title="load per device: measured (solid), forecast ± interval (dashed, band), assumed (dotted)",
+                     width=width, height=height, x_axis_label="window", y_axis_label="load (× planned)",
+                     tools="pan,wheel_zoom,reset,save")
         self.glyphs: list[list] = []
         for j in range(MAX_K):
             color = STAGE_COLORS[j % 10]
             label = f"device {j}"
             self.glyphs.append([
-                self.figure.varea("window", f"lower{j}", f"upper{j}", source=self.source, color=color,
-                                  alpha=0.15, legend_label=label),
-                self.figure.line("window", f"load{j}", source=self.source, color=color, line_width=2,
-                                 legend_label=label),
-                self.figure.line("window", f"forecast{j}", source=self.source, color=color, line_dash="dashed",
-                                 legend_label=label),
-                self.figure.line("window", f"assumed{j}", source=self.source, color=color, line_dash="dotted",
-                                 legend_label=label)])
-        self.figure.legend.location = "top_left"
-        self.figure.legend.click_policy = "hide"
-        self.figure.add_tools(HoverTool(renderers=[g[1] for g in self.glyphs], tooltips=[
+                fig.varea("window", f"lower{j}", f"upper{j}", source=self.source, color=color,
+                          alpha=0.15, legend_label=label),
+                fig.line("window", f"load{j}", source=self.source, color=color, line_width=2, legend_label=label),
+                fig.line("window", f"forecast{j}", source=self.source, color=color, line_dash="dashed",
+                         legend_label=label),
+                fig.line("window", f"assumed{j}", source=self.source, color=color, line_dash="dotted",
+                         legend_label=label)])
+        fig.add_tools(HoverTool(renderers=[g[1] for g in self.glyphs], tooltips=[
             ("window", "@window"), ("load", "$y{0.00}")]))
-        self.widget = BokehModel(self.figure)
-        self.redraws = 0
+        house_style(fig)
+        super().__init__(fig, min_interval_s=min_interval_s, rollover=rollover)
         self.k = k
-        self._pending: list[dict[str, float]] = []
         self._previous: dict[int, tuple[float, float, float]] = {}
-        self._last = -math.inf
 
     @property
     def k(self) -> int:
@@ -373,8 +111,11 @@ class LiveLoads:
         for item in self.figure.legend.items:
             item.visible = int(item.label.value.split()[-1]) < k
 
-    def _empty(self) -> dict[str, list]:
+    def _empty_columns(self) -> dict[str, list]:
         return {"window": [], **{f"{f}{j}": [] for j in range(MAX_K) for f in self.FIELDS}}
+
+    def _empty(self) -> dict[ColumnDataSource, dict[str, list]]:
+        return {self.source: self._empty_columns()}
 
     def push(self, rows: pd.DataFrame) -> None:
         """One window's rows of :meth:`Controller.history` (``window``, ``device``, ``load``, ...).
@@ -396,25 +137,15 @@ class LiveLoads:
                     f"lower{j}": lo, f"upper{j}": hi}
             self._previous[j] = tuple(float(v) if math.isfinite(v) else math.nan
                                       for v in (r.forecast, r.lower, r.upper))
-        self._pending.append(row)
-        if time.monotonic() - self._last >= self.min_interval_s:
-            self.flush()
+        self._add(row)
 
-    def flush(self) -> None:
-        """Draw every buffered window now."""
-        if not self._pending:
-            return
-        new = {c: [r[c] for r in self._pending] for c in self.source.data}
-        self.source.stream(new, rollover=self.rollover)
-        self._pending.clear()
-        self._last = time.monotonic()
-        self.redraws += 1
+    def _columns(self, pending: list) -> dict[ColumnDataSource, dict[str, list]]:
+        return {self.source: {c: [r[c] for r in pending] for c in self.source.data}}
 
     def clear(self) -> None:
         """Drop every point, drawn or pending."""
-        self._pending.clear()
+        super().clear()
         self._previous.clear()
-        self.source.data = self._empty()
 
 
 # --- the panel ----------------------------------------------------------------------------------------
@@ -466,7 +197,8 @@ class PartitionPanel(Panel):
         self.out = w.Output()
 
         self.graph_fig = figure(title="model graph", width=960, height=300,
-                                tools="pan,wheel_zoom,box_zoom,reset,save", x_axis_label="topological generation")
+                                tools="pan,wheel_zoom,box_zoom,reset,save",
+                                x_axis_label="topological generation (distance from the input)")
         self.graph_fig.yaxis.visible = False
         self.graph_fig.xgrid.visible = self.graph_fig.ygrid.visible = False
         self.graph_renderer = from_networkx(nx.DiGraph(), {})
@@ -474,16 +206,21 @@ class PartitionPanel(Panel):
         self.graph_fig.renderers.append(self.graph_renderer)
         self.graph_fig.add_tools(HoverTool(renderers=[self.graph_renderer], tooltips=[
             ("node", "@index"), ("op", "@op @target"), ("stage", "@stage"), ("cost", "@cost_ms{0.000} ms")]))
+        self.stage_legend = stage_key(self.graph_fig, k)
+        house_style(self.graph_fig)
         self.bars_fig, self.bars_source, self.bound_span = load_bars({}, title="stage loads: ours vs the anchors")
         self.gantt_fig, self.gantt_source = gantt_figure(pd.DataFrame({"stage": [], "micro": [], "kind": [],
                                                                        "start_s": [], "end_s": []}))
         self.loads_plot = LiveLoads(k, min_interval_s=min_interval_s)
-        self.throughput_plot = LivePlot(["throughput", "optimum"], x_name="window", title="throughput vs optimum",
+        self.throughput_plot = LivePlot(["throughput", "optimum"], x_name="window",
+                                        title="throughput against the optimum (×: a re-partition)",
                                         y_label="steps / s", rollover=100_000, min_interval_s=min_interval_s,
                                         width=560, height=260)
+        self.throughput_plot.figure.y_range.start = 0  # throughput is a rate: its axis starts at 0
         self.repartition_source = ColumnDataSource({"window": [], "throughput": [], "reason": []})
         self.throughput_plot.figure.scatter("window", "throughput", source=self.repartition_source, marker="x",
-                                            size=12, line_width=2, color="red", legend_label="re-partition")
+                                            size=14, line_width=3, color="red", legend_label="re-partition")
+        house_style(self.throughput_plot.figure)
         self.graph_widget = BokehModel(self.graph_fig)
         self.bars_widget, self.gantt_widget = BokehModel(self.bars_fig), BokehModel(self.gantt_fig)
 
@@ -559,8 +296,9 @@ class PartitionPanel(Panel):
         self.graph_renderer.edge_renderer.data_source.data = dict(new.edge_renderer.data_source.data)
         self.graph_renderer.layout_provider.graph_layout = dict(new.layout_provider.graph_layout)
         split = ", ".join(f"{n} in {p} shards" for n, p in mp.splits.items()) or "no operator split"
-        self.graph_fig.title.text = (f"{self.model.value}: {mp.graph.number_of_nodes()} nodes, coloured by "
-                                     f"stage (k={self.k.value}; {split})")
+        set_title(self.graph_fig, f"{self.model.value}: {mp.graph.number_of_nodes()} nodes, coloured by "
+                                  f"stage (k={self.k.value}; {split})")
+        set_colour_key(self.stage_legend, {f"stage {j}": STAGE_COLORS[j % 10] for j in range(int(self.k.value))})
 
     def _draw_bars(self) -> None:
         comp = self.comparison
@@ -571,7 +309,7 @@ class PartitionPanel(Panel):
         title = "stage loads: ours vs the anchors"
         if comp.bound is not None:
             title += " (dashed: MILP lower bound)"
-        self.bars_fig.title.text = title
+        set_title(self.bars_fig, title)
 
     # -- the schedule --------------------------------------------------------------------------------
     def stage_seconds(self) -> np.ndarray:
@@ -586,9 +324,9 @@ class PartitionPanel(Panel):
         k = int(self.k.value)
         self.gantt_fig.y_range.start, self.gantt_fig.y_range.end = k - 0.5, -0.5
         self.gantt_fig.yaxis.ticker = list(range(k))
-        self.gantt_fig.title.text = (f"{self.schedule.value}, {self.micro.value} micro-batches: "
-                                     f"{self.simulation.makespan_s * 1e3:.2f} ms per step, "
-                                     f"bubble {self.simulation.bubble:.0%}")
+        set_title(self.gantt_fig, f"{self.schedule.value}, {self.micro.value} micro-batches: "
+                                  f"{self.simulation.makespan_s * 1e3:.2f} ms per step, "
+                                  f"bubble {self.simulation.bubble:.0%}")
         return self.simulation
 
     # -- the live controller -----------------------------------------------------------------------

@@ -3,22 +3,30 @@ from __future__ import annotations
 
 import html
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import ipywidgets as w
 import numpy as np
 import pandas as pd
-from bokeh.models import ColorBar, ColumnDataSource, FactorRange, HoverTool, LinearColorMapper
+from bokeh.models import (
+    ColorBar,
+    ColumnDataSource,
+    FactorRange,
+    HoverTool,
+    LinearColorMapper,
+    Range1d,
+)
 from bokeh.palettes import Category10_10, Viridis256
 from bokeh.plotting import figure
+from bokeh.transform import dodge
 from jupyter_bokeh.widgets import BokehModel
 
 from adaptive_kit import speculative as sp
 from adaptive_kit.training import TrainConfig
 
-from .common import LivePlot, Panel, control_row, panel_layout
+from .common import LivePlot, Panel, ThrottledStream, control_row, panel_layout
+from .plots import house_style, set_title
 
 METHODS = ("ours", "DDP", "local SGD")  # the panel's three runs, in the order they train
 COLORS = dict(zip(METHODS, Category10_10))  # the same colour for a method in every plot
@@ -38,14 +46,14 @@ def _heatmap_figure(source: ColumnDataSource, regions: Sequence[str], *, title: 
     fig.add_tools(HoverTool(tooltips=[("step", "@step"), ("region", "@region"), ("p", "@p{0.00}"),
                                       ("state", "@state")]))
     fig.xgrid.visible = fig.ygrid.visible = False
-    return fig
+    return house_style(fig)
 
 
 def _state(p: float) -> str:
     return sp.GLOBAL if p <= 0 else sp.FULL if p >= 1 else sp.HYBRID
 
 
-class LiveHeatmap:
+class LiveHeatmap(ThrottledStream):
     """Region states (region x step, coloured by the speculative fraction p) streamed in batches.
 
     ``push`` only buffers host values (the engine's ``p`` is a numpy array, so no device sync);
@@ -54,25 +62,21 @@ class LiveHeatmap:
 
     Attributes:
         source: the ``ColumnDataSource`` (``step``, ``region``, ``p``, ``state``; one row per cell).
-        figure: the bokeh figure; widget: its ``BokehModel``; redraws: streams so far.
+        figure, widget, redraws: see :class:`~widgets.common.ThrottledStream`.
     """
 
     def __init__(self, regions: Sequence[str] = ("",), *, title: str = "region states",
                  min_interval_s: float = 0.5, width: int = 640, height: int = 220) -> None:
-        if min_interval_s < 0:
-            raise ValueError(f"LiveHeatmap(min_interval_s={min_interval_s!r}): must be >= 0")
-        self.min_interval_s = min_interval_s
-        self.source = ColumnDataSource(self._empty())
-        self.figure = _heatmap_figure(self.source, [str(r) for r in regions], title=title, width=width,
-                                      height=height)
-        self.widget = BokehModel(self.figure)
-        self.redraws = 0
-        self._pending: list[tuple[int, np.ndarray, list[str]]] = []
-        self._last = -math.inf
+        self.source = ColumnDataSource(self._empty_cells())
+        fig = _heatmap_figure(self.source, [str(r) for r in regions], title=title, width=width, height=height)
+        super().__init__(fig, min_interval_s=min_interval_s)
 
     @staticmethod
-    def _empty() -> dict[str, list]:
+    def _empty_cells() -> dict[str, list]:
         return {"step": [], "region": [], "p": [], "state": []}
+
+    def _empty(self) -> dict[ColumnDataSource, dict[str, list]]:
+        return {self.source: self._empty_cells()}
 
     @property
     def regions(self) -> list[str]:
@@ -91,30 +95,16 @@ class LiveHeatmap:
         p = np.asarray(p, dtype=float).reshape(-1)
         if len(p) != len(self.regions):
             raise ValueError(f"LiveHeatmap.push: {len(p)} values for {len(self.regions)} regions")
-        self._pending.append((int(step), p.copy(), list(states) if states is not None
-                              else [_state(v) for v in p]))
-        if time.monotonic() - self._last >= self.min_interval_s:
-            self.flush()
+        self._add((int(step), p.copy(), list(states) if states is not None else [_state(v) for v in p]))
 
-    def flush(self) -> None:
-        """Draw every buffered column now."""
-        if not self._pending:
-            return
-        regions, new = self.regions, self._empty()
-        for step, p, states in self._pending:
+    def _columns(self, pending: list) -> dict[ColumnDataSource, dict[str, list]]:
+        regions, new = self.regions, self._empty_cells()
+        for step, p, states in pending:
             new["step"] += [step] * len(regions)
             new["region"] += regions
             new["p"] += p.tolist()
             new["state"] += states
-        self.source.stream(new)
-        self._pending.clear()
-        self._last = time.monotonic()
-        self.redraws += 1
-
-    def clear(self) -> None:
-        """Drop every cell, drawn or pending."""
-        self._pending.clear()
-        self.source.data = self._empty()
+        return {self.source: new}
 
 
 def region_heatmap(p: np.ndarray, regions: Sequence[str], *, title: str = "speculative fraction p per region",
@@ -140,15 +130,13 @@ def loss_vs_bytes(results: Mapping[str, sp.RunResult], *, title: str = "test los
                   width: int = 640, height: int = 300):
     """Test loss of the averaged model against cumulative bytes per worker, one line per run."""
     fig = figure(title=title, width=width, height=height, x_axis_type="log", tools="pan,wheel_zoom,reset,save",
-                 x_axis_label="bytes sent per worker", y_axis_label="test loss")
+                 x_axis_label="bytes sent per worker (B, log)", y_axis_label="test loss")
     for i, (name, r) in enumerate(results.items()):
         x = np.maximum(bytes_to(r), 1)
         color = Category10_10[i % 10]
         fig.line(x, r.evals["test_loss"], legend_label=name, color=color, line_width=2)
-        fig.scatter(x[-1:], r.evals["test_loss"].iloc[-1:], color=color, size=8)
-    fig.legend.location = "top_right"
-    fig.legend.click_policy = "hide"
-    return fig
+        fig.scatter(x[-1:], r.evals["test_loss"].iloc[-1:], color=color, size=8, legend_label=name)
+    return house_style(fig)
 
 
 def final_loss_vs_bytes(sweeps: Mapping[str, Sequence[sp.RunResult]], *,
@@ -156,7 +144,7 @@ def final_loss_vs_bytes(sweeps: Mapping[str, Sequence[sp.RunResult]], *,
                         width: int = 640, height: int = 320):
     """Each method's sweep of settings as a curve of final test loss against bytes per worker."""
     fig = figure(title=title, width=width, height=height, x_axis_type="log", tools="pan,wheel_zoom,reset,save",
-                 x_axis_label="bytes sent per worker", y_axis_label="final test loss")
+                 x_axis_label="bytes sent per worker (B, log)", y_axis_label="final test loss")
     for i, (name, runs) in enumerate(sweeps.items()):
         pts = sorted((r.bytes_per_worker()["total"], r.final_test_loss) for r in runs)
         color = Category10_10[i % 10]
@@ -164,9 +152,7 @@ def final_loss_vs_bytes(sweeps: Mapping[str, Sequence[sp.RunResult]], *,
             fig.line([x for x, _ in pts], [y for _, y in pts], color=color, line_width=2, legend_label=name)
         fig.scatter([x for x, _ in pts], [y for _, y in pts], color=color, size=10, legend_label=name,
                     marker="star" if name == "ours" else "circle")
-    fig.legend.location = "top_right"
-    fig.legend.click_policy = "hide"
-    return fig
+    return house_style(fig)
 
 
 def priced(results: Mapping[str, sp.RunResult]) -> dict[str, sp.RunResult]:
@@ -197,11 +183,12 @@ def time_to_target_bars(results: Mapping[str, sp.RunResult], target: float,
     if missed:
         title += f" (never reached: {', '.join(sorted(missed))})"
     fig = figure(x_range=FactorRange(*factors), title=title, width=width, height=height, y_axis_type="log",
-                 y_axis_label="simulated seconds", tools="save")
+                 y_axis_label="simulated time (s, log)", tools="save",
+                 y_range=Range1d(min(src.data["t"], default=1.0) / 3, max(src.data["t"], default=1.0) * 3))
     fig.vbar(x="x", top="t", width=0.8, bottom=1e-3, color="color", source=src)
     fig.xaxis.major_label_orientation = 1.0
     fig.add_tools(HoverTool(tooltips=[("", "@x"), ("seconds", "@t{0,0.000}")]))
-    return fig
+    return house_style(fig)
 
 
 def reconciliation_bars(result: sp.RunResult, *, width: int = 360, height: int = 260):
@@ -213,7 +200,7 @@ def reconciliation_bars(result: sp.RunResult, *, width: int = 360, height: int =
                  height=height, y_axis_label="worker-steps", tools="save")
     fig.vbar(x="x", top="y", width=0.7, color="color", source=src)
     fig.add_tools(HoverTool(tooltips=[("", "@x"), ("worker-steps", "@y")]))
-    return fig
+    return house_style(fig)
 
 
 def state_shares(result: sp.RunResult) -> dict[str, float]:
@@ -278,19 +265,27 @@ class SpeculativePanel(Panel):
         self.rollback_source = ColumnDataSource({"step": [], "loss": [], "rollbacks": []})
         marks = self.loss_plot.figure.scatter("step", "loss", source=self.rollback_source, marker="x",
                                               size=9, color="red", legend_label="rollback")
+        house_style(self.loss_plot.figure)  # the new entry joins the legend outside the data
         self.loss_plot.figure.add_tools(HoverTool(renderers=[marks], tooltips=[
             ("step", "@step"), ("workers rolled back", "@rollbacks")]))
         self.test_plot = LivePlot(list(METHODS), title="test loss of the averaged model", y_label="test loss",
                                   rollover=100_000, min_interval_s=0, width=620, height=260)
-        self.bytes_source = ColumnDataSource({"method": [], "payload": [], "control": []})
-        self.bytes_fig = figure(x_range=list(METHODS), title="MB sent per worker", width=300, height=260,
-                                y_axis_label="MB", tools="save")
-        self.bytes_fig.vbar_stack(["payload", "control"], x="method", width=0.7, source=self.bytes_source,
-                                  color=[Category10_10[5], Category10_10[6]], legend_label=["payload", "control"])
-        self.bytes_fig.legend.location = "top_right"
+        self.bytes_source = ColumnDataSource({"method": [], "payload": [], "control": [], "payload_shown": [],
+                                              "control_shown": []})
+        # payload and control side by side on a log axis: control bytes are thousands of times fewer
+        self.bytes_fig = figure(x_range=list(METHODS), title="bytes sent per worker", width=330, height=260,
+                                y_axis_label="MB (log)", y_axis_type="log", y_range=Range1d(1e-3, 1.0),
+                                tools="save")
+        for kind, shift, color in (("payload", -0.18, Category10_10[5]), ("control", 0.18, Category10_10[6])):
+            self.bytes_fig.vbar(x=dodge("method", shift, range=self.bytes_fig.x_range), top=f"{kind}_shown",
+                                bottom=1e-9, width=0.34, color=color, source=self.bytes_source, legend_label=kind)
+        self.bytes_fig.add_tools(HoverTool(tooltips=[("", "@method"), ("payload MB", "@payload{0,0.000}"),
+                                                     ("control MB", "@control{0,0.000000}")]))
+        house_style(self.bytes_fig, legend="below")
         self.time_source = ColumnDataSource({"method": [], "seconds": [], "to_target": [], "color": []})
         self.time_fig = figure(x_range=list(METHODS), title="simulated time", width=300, height=260,
-                               y_axis_label="simulated seconds", tools="save")
+                               y_axis_label="simulated time (s)", tools="save")
+        house_style(self.time_fig)
         self.time_fig.vbar(x="method", top="seconds", width=0.7, color="color", source=self.time_source)
         self.time_fig.add_tools(HoverTool(tooltips=[("", "@method"), ("whole run (s)", "@seconds{0,0.00}"),
                                                     ("to target (s)", "@to_target{0,0.00}")]))
@@ -418,8 +413,15 @@ class SpeculativePanel(Panel):
         self.rollback_source.data = {"step": rolled["step"].tolist(), "loss": rolled["loss"].tolist(),
                                      "rollbacks": rolled["rollbacks"].tolist()}
         sent = {k: r.bytes_per_worker() for k, r in self.results.items()}
-        self.bytes_source.data = {"method": list(sent), "payload": [s["payload"] / 1e6 for s in sent.values()],
-                                  "control": [s["control"] / 1e6 for s in sent.values()]}
+        payload = [s["payload"] / 1e6 for s in sent.values()]
+        control = [s["control"] / 1e6 for s in sent.values()]
+        shown = [v for v in payload + control if v > 0]
+        # a log axis has no 0: a method that sent nothing of a kind gets no bar
+        self.bytes_source.data = {"method": list(sent), "payload": payload, "control": control,
+                                  "payload_shown": [v if v > 0 else math.nan for v in payload],
+                                  "control_shown": [v if v > 0 else math.nan for v in control]}
+        if shown:
+            self.bytes_fig.y_range.update(start=min(shown) / 4, end=max(shown) * 4)
 
     # -- network profile ---------------------------------------------------------------------
     def target(self) -> float:
@@ -461,7 +463,7 @@ class SpeculativePanel(Panel):
         to_target = table["s to target"].replace(math.inf, math.nan)
         self.time_source.data = {"method": list(table.index), "seconds": table[f"simulated s ({net})"].tolist(),
                                  "to_target": to_target.tolist(), "color": [COLORS[m] for m in table.index]}
-        self.time_fig.title.text = f"simulated time on {net}"
+        set_title(self.time_fig, f"simulated time on {net}")
         fmt = {"final test loss": "{:.3f}", "test accuracy": "{:.1%}", "payload bytes": "{:,.0f}",
                "control bytes": "{:,.0f}", "bytes vs DDP": "{:.3f}", f"simulated s ({net})": "{:,.2f}",
                "s to target": "{:,.2f}", "rollback rate": "{:.1%}"}

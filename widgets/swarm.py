@@ -12,120 +12,49 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import ipywidgets as w
-import networkx as nx
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from bokeh.layouts import row
-from bokeh.models import ColorBar, ColumnDataSource, HoverTool, LinearColorMapper, Scatter, TapTool
-from bokeh.palettes import Category10_10, Viridis256
-from bokeh.plotting import figure
-from bokeh.transform import transform
+from bokeh.models import LinearColorMapper
 from jupyter_bokeh.widgets import BokehModel
 
 from adaptive_kit.swarm import Collector, Goals, Swarm
 from adaptive_kit.swarm.optimiser import ALLOCATIONS, PERTURB_MODES
 
 from .common import Panel, control_row, panel_layout
+from .swarm_feed import SwarmFeed
+from .swarm_graph import SwarmGraph, sparse_edges
+from .swarm_plots import (
+    ALARM_COLOR,
+    DASHES,
+    EDGE_COLOR,
+    GOALS,
+    KIND_STYLE,
+    METRICS,
+    NAN_COLOR,
+    PALETTE,
+    TRAJECTORY_STATS,
+    _floats,
+    best_so_far,
+    layer_dash,
+    lineage_figure,
+    palette_colors,
+)
+from .swarm_views import Heatmap, Resources, Trajectories
 
-METRICS = ("val_acc", "val_loss", "loss_mean", "fitness", "lr", "compute_s", "cpu_percent", "rss_bytes", "steps")
-TRAJECTORY_STATS = ("norm", "mean", "std")  # columns of the bus's ``stats`` stream a trajectory can show
-GOALS = ("accuracy", "loss", "efficiency", "generalisation")
-PALETTE = Viridis256
-NAN_COLOR = "#cfcfcf"  # quarantined or not yet measured
-ALARM_COLOR = "#d62728"
-EDGE_COLOR = "#8c8c8c"
-DASHES = ("solid", "dashed", "dotted", "dotdash", "dashdot")  # out, h0, h1, ...
-
-
-def palette_colors(values: Sequence[float] | np.ndarray, low: float, high: float,
-                   palette: Sequence[str] = PALETTE, nan_color: str = NAN_COLOR) -> list[str]:
-    """Colours of ``values`` under bokeh's ``LinearColorMapper(palette, low, high)`` rule (so that
-    colours computed here match the colour bar drawn in the browser); NaN gets ``nan_color``."""
-    v = np.asarray(values, dtype=float)
-    n = len(palette)
-    span = high - low if high > low else 1.0
-    idx = np.clip(np.floor((np.nan_to_num(v, nan=low) - low) * (n / span)), 0, n - 1).astype(int)
-    return [palette[i] if math.isfinite(x) else nan_color for i, x in zip(idx.tolist(), v.tolist())]
-
-
-def layer_dash(layer: str) -> str:
-    """Line dash of a layer's trajectory: ``out`` solid, ``h0`` dashed, ``h1`` dotted, ..."""
-    if layer == "out":
-        return DASHES[0]
-    try:
-        return DASHES[1 + int(layer.lstrip("h")) % (len(DASHES) - 1)]
-    except ValueError:
-        return DASHES[0]
-
-
-def _floats(series: pd.Series) -> list[float]:
-    return pd.to_numeric(series, errors="coerce").astype(float).tolist()
-
-
-KIND_STYLE = {"exploit": (Category10_10[0], "triangle"), "breed": (Category10_10[2], "diamond"),
-              "quarantine": (ALARM_COLOR, "x")}  # colour and marker of each lineage event
-
-
-def best_so_far(history: pd.DataFrame, n_train: int) -> pd.DataFrame:
-    """Per round of :meth:`Swarm.history`: the member-epochs spent so far (steps x batch size / training
-    rows, summed over members and rounds) and the best validation accuracy any member reached so far."""
-    if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1:
-        raise ValueError(f"best_so_far(n_train={n_train!r}): expected an int >= 1")
-    h = history.assign(member_epochs=history["steps"] * history["batch_size"] / n_train)
-    per = h.groupby("round").agg(member_epochs=("member_epochs", "sum"), val_acc=("val_acc", "max"))
-    return pd.DataFrame({"round": per.index.to_numpy(), "member_epochs": per["member_epochs"].cumsum().to_numpy(),
-                         "best_val_acc": per["val_acc"].cummax().to_numpy()})
-
-
-def lineage_figure(lineage: pd.DataFrame, members: int, rounds: int, *,
-                   title: str = "what the optimiser did", width: int = 760, height: int = 300):
-    """:meth:`Swarm.lineage_frame` drawn as members (y) over rounds (x): a segment from each parent
-    (the round before) to the member it replaced, a marker per event coloured by kind (exploit,
-    breed, quarantine); hover shows the spec before and after."""
-    seg: dict[str, list] = {"x0": [], "y0": [], "x1": [], "y1": [], "color": []}
-    pts: dict[str, list] = {k: [] for k in ("round", "member", "kind", "color", "marker", "parents", "before",
-                                            "after", "detail")}
-    for e in lineage.itertuples():
-        color, marker = KIND_STYLE.get(e.kind, ("#555555", "circle"))
-        for p in e.parents:
-            seg["x0"].append(e.round - 0.8)
-            seg["y0"].append(int(p))
-            seg["x1"].append(e.round)
-            seg["y1"].append(int(e.member))
-            seg["color"].append(color)
-        for k, v in (("round", int(e.round)), ("member", int(e.member)), ("kind", e.kind), ("color", color),
-                     ("marker", marker), ("parents", " × ".join(map(str, e.parents)) or "-"),
-                     ("before", e.before), ("after", e.after), ("detail", e.detail)):
-            pts[k].append(v)
-    fig = figure(title=title, width=width, height=height, x_axis_label="round", y_axis_label="member",
-                 y_range=(members - 0.5, -0.5), x_range=(-0.5, rounds + 0.5), tools="pan,wheel_zoom,reset,save")
-    fig.segment(x0=[0] * members, y0=list(range(members)), x1=[rounds] * members, y1=list(range(members)),
-                line_color="#dddddd")
-    fig.segment("x0", "y0", "x1", "y1", source=ColumnDataSource(seg), line_color="color", line_width=1.5,
-                line_alpha=0.7)
-    dots = fig.scatter("round", "member", source=ColumnDataSource(pts), color="color", marker="marker", size=11,
-                       line_width=2, legend_group="kind")
-    fig.yaxis.ticker = list(range(members)) if members <= 32 else list(range(0, members, max(1, members // 16)))
-    fig.legend.location = "top_left"
-    fig.legend.orientation = "horizontal"
-    fig.legend.background_fill_alpha = 0.6
-    fig.add_tools(HoverTool(renderers=[dots], tooltips=[("", "@kind of member @member in round @round"),
-                                                         ("parents", "@parents"), ("before", "@before"),
-                                                         ("after", "@after"), ("", "@detail")]))
-    return fig
+__all__ = ["ALARM_COLOR", "DASHES", "EDGE_COLOR", "GOALS", "KIND_STYLE", "METRICS", "NAN_COLOR", "PALETTE",
+           "TRAJECTORY_STATS", "SwarmPanel", "best_so_far", "layer_dash", "lineage_figure", "palette_colors",
+           "sparse_edges"]
 
 
 class SwarmPanel(Panel):
     """A live dashboard over a running :class:`~adaptive_kit.swarm.Swarm`, steering it between rounds.
 
-    Views: the members as a graph whose edges join members at least ``threshold`` similar (the
-    swarm's :class:`~adaptive_kit.swarm.Similarity`; spring layout, recomputed only when the edge
-    set changes), nodes sized and coloured by the chosen metric's latest value, quarantined
-    members grey, members with alarms outlined red, tap (shift-tap) to select; a members x rounds
-    heatmap of the chosen metric with alarm cells outlined; the chosen weight statistic per layer
-    of the selected members against their step; cumulative compute against validation accuracy
-    (size: parameters) and the steps allotted for the next round; the latest alarms.
+    Views, one class each: :class:`~widgets.swarm_graph.SwarmGraph` (each member joined to its
+    ``neighbours`` most similar members at similarity >= ``threshold``; size and colour: the chosen
+    metric; hover names a member, tap selects), :class:`~widgets.swarm_views.Heatmap` (members x
+    rounds), :class:`~widgets.swarm_views.Trajectories` (the selected members' weights) and
+    :class:`~widgets.swarm_views.Resources` (compute, accuracy, steps allotted); the latest alarms.
 
     Everything drawn is what arrived on the swarm's bus (:attr:`Collector.tables`, only the
     batches not yet drawn) plus :meth:`Swarm.table` and the similarity of the members' specs; the
@@ -145,7 +74,7 @@ class SwarmPanel(Panel):
     def __init__(self, swarm: Swarm, *, metric: str = "val_acc", threshold: float = 0.7, stat: str = "norm",
                  min_interval_s: float = 0.35, interval_ms: int = 300, rounds_per_tick: int = 1,
                  max_rounds: int = 10_000, max_points: int = 100_000, max_alarms: int = 8,
-                 collector: Collector | None = None, seed: int = 0) -> None:
+                 collector: Collector | None = None, seed: int = 0, neighbours: int = 3) -> None:
         if metric not in METRICS:
             raise ValueError(f"SwarmPanel(metric={metric!r}): expected one of {METRICS}")
         if stat not in TRAJECTORY_STATS:
@@ -169,20 +98,9 @@ class SwarmPanel(Panel):
         self.max_alarms, self.seed = max_alarms, seed
 
         # what has arrived, kept as the panel needs it
-        self._consumed: dict[str, int] = {"swarm": 0, "stats": 0, "swarm_alarms": 0}
-        self.latest: dict[int, dict[str, Any]] = {}  # member -> its newest report (a row of the swarm stream)
-        self.compute = np.zeros(self.n)  # compute seconds per member slot over the run
-        self.ranges: dict[str, tuple[float, float]] = {}  # per metric: (min, max) of the finite values seen
+        self.feed = SwarmFeed(self.collector, self.n)
         self.alarm_rows: list[dict[str, Any]] = []
         self.alarm_counts = np.zeros(self.n, dtype=int)
-        self._stats_parts: list[pd.DataFrame] = []
-        self._stats_cache: pd.DataFrame | None = None
-        self._series: dict[tuple[int, str], tuple[list[float], list[float]]] = {}  # drawn trajectories
-        self._specs: list | None = None  # the specs the similarity matrix belongs to
-        self.similarity = np.ones((self.n, self.n))
-        self.edges: frozenset[tuple[int, int]] | None = None
-        self.graph = nx.Graph()
-        self.positions: dict[int, np.ndarray] = {}
         self._selected: list[int] = []
 
         # counters a test or a browser check reads
@@ -191,7 +109,6 @@ class SwarmPanel(Panel):
         self.redraw_s: list[float] = []
         self.ticks = 0
         self.dropped_ticks = 0
-        self.layouts = 0
         self._last_redraw = -math.inf
         self._tick_done = -math.inf
         self._pending = False
@@ -199,7 +116,7 @@ class SwarmPanel(Panel):
         self._problem = ""
 
         self._build_controls(metric, threshold, stat, interval_ms, max_rounds)
-        self._build_figures(metric)
+        self._build_figures(metric, neighbours)
         self.widget = panel_layout(
             "Live swarm", [self.metric, self.threshold, self.stat],
             [control_row(w.HTML("<b>goals</b>"), *self.goal.values()),
@@ -255,134 +172,44 @@ class SwarmPanel(Panel):
         self.play.observe(self._on_play, names="value")
         self.step_button.on_click(lambda _: self._on_step())
 
-    def _build_figures(self, metric: str) -> None:
-        n = self.n
+    def _build_figures(self, metric: str, neighbours: int) -> None:
         self.mapper = LinearColorMapper(palette=PALETTE, low=0.0, high=1.0, nan_color=NAN_COLOR)
-        # -- the graph
-        self.node_source = ColumnDataSource(self._node_data(np.zeros(n), np.zeros(n)))
-        self.edge_source = ColumnDataSource({"x0": [], "y0": [], "x1": [], "y1": [], "a": [], "b": [],
-                                             "similarity": [], "alpha": []})
-        self.graph_fig = figure(title="members (edges: similar specs)", width=440, height=420,
-                                tools="pan,wheel_zoom,reset,save", x_range=(-1.3, 1.3), y_range=(-1.3, 1.3))
-        self.graph_fig.axis.visible = False
-        self.graph_fig.grid.visible = False
-        self.graph_fig.segment("x0", "y0", "x1", "y1", source=self.edge_source, line_color=EDGE_COLOR,
-                               line_alpha="alpha", line_width=1.5)
-        self.node_renderer = self.graph_fig.scatter("x", "y", size="size", fill_color="color", line_color="line_color",
-                                                    line_width="line_width", source=self.node_source)
-        self.node_renderer.selection_glyph = Scatter(size="size", fill_color="color", line_color="#000000",
-                                                     line_width=3.5)
-        self.node_renderer.nonselection_glyph = Scatter(size="size", fill_color="color", fill_alpha=0.35,
-                                                        line_color="line_color", line_width="line_width",
-                                                        line_alpha=0.5)
-        self.graph_fig.text("x", "y", text="label", source=self.node_source, text_align="center",
-                            text_baseline="middle", text_font_size="8pt", text_color="#ffffff")
-        self.node_hover = HoverTool(renderers=[self.node_renderer])
-        self.graph_fig.add_tools(self.node_hover, TapTool(renderers=[self.node_renderer]))
+        self.graph_view = SwarmGraph(self.swarm, neighbours=neighbours, seed=self.seed)
+        self.heatmap = Heatmap(self.n, self.mapper, metric)
+        self.trajectories = Trajectories()
+        self.resources = Resources(self.n)
+        # the names tests, notebooks and the browser checks read
+        self.graph_fig, self.node_source, self.edge_source = (self.graph_view.figure, self.graph_view.node_source,
+                                                              self.graph_view.edge_source)
+        self.node_hover = self.graph_view.node_hover
         self.node_source.selected.on_change("indices", self._on_tap)
-        # -- the heatmap
-        # `time` (when the member reported, seconds since the epoch) lets a browser measure data age
-        self.heat_source = ColumnDataSource({"member": [], "round": [], **{m: [] for m in METRICS},
-                                             "status": [], "arch": [], "time": []}, name="swarm_heat")
-        self.heat_alarm_source = ColumnDataSource({"member": [], "round": [], "detector": [], "evidence": []})
-        self.heat_fig = figure(title="", width=600, height=420, tools="xpan,xwheel_zoom,reset,save",
-                               x_axis_label="round", y_axis_label="member", y_range=(n - 0.5, -0.5))
-        self.heat_renderer = self.heat_fig.rect("round", "member", width=1, height=1, source=self.heat_source,
-                                                fill_color=transform(metric, self.mapper), line_color=None)
-        self.heat_fig.rect("round", "member", width=0.92, height=0.92, source=self.heat_alarm_source,
-                           fill_alpha=0, line_color=ALARM_COLOR, line_width=2)
-        self.heat_fig.grid.visible = False
-        self.heat_fig.yaxis.ticker = list(range(n)) if n <= 32 else list(range(0, n, max(1, n // 16)))
-        self.heat_hover = HoverTool(renderers=[self.heat_renderer])
-        self.heat_fig.add_tools(self.heat_hover)
-        self.color_bar = ColorBar(color_mapper=self.mapper, width=10, title=metric)
-        self.heat_fig.add_layout(self.color_bar, "right")
-        # -- trajectories of the selected members
-        self.traj_source = ColumnDataSource({"member": [], "layer": [], "xs": [], "ys": [], "color": [], "dash": []})
-        self.traj_points = ColumnDataSource({"member": [], "layer": [], "step": [], "value": [], "color": []})
-        self.traj_fig = figure(title="weights of the selected members: tap a node", width=460, height=300,
-                               x_axis_label="member's step", tools="pan,wheel_zoom,box_zoom,reset,save")
-        self.traj_fig.multi_line("xs", "ys", source=self.traj_source, line_color="color", line_dash="dash",
-                                 line_width=2)
-        points = self.traj_fig.scatter("step", "value", source=self.traj_points, color="color", size=4)
-        self.traj_fig.add_tools(HoverTool(renderers=[points], tooltips=[("", "member @member, layer @layer"),
-                                                                        ("step", "@step"), ("value", "@value")]))
-        # -- resources against performance
-        self.res_source = ColumnDataSource(self._res_data())
-        self.res_fig = figure(title="compute against accuracy (size: parameters)", width=360, height=300,
-                              x_axis_label="compute s (member slot, cumulative)", y_axis_label="val acc",
-                              tools="pan,wheel_zoom,box_zoom,reset,save")
-        dots = self.res_fig.scatter("compute", "val_acc", size="psize", fill_color="color", line_color="line_color",
-                                    line_width="line_width", source=self.res_source, fill_alpha=0.8)
-        self.res_fig.add_tools(HoverTool(renderers=[dots], tooltips=[
-            ("member", "@member (@arch)"), ("parameters", "@n_params"), ("compute", "@compute{0.00} s"),
-            ("val acc", "@val_acc{0.000}"), ("val acc per compute-s", "@per_s{0.000}")]))
-        self.steps_fig = figure(title="steps allotted next round", width=360, height=300, x_axis_label="member",
-                                y_axis_label="steps", tools="save")
-        bars = self.steps_fig.vbar(x="member", top="steps_next", width=0.7, source=self.res_source,
-                                   fill_color="color", line_color="line_color")
-        self.steps_fig.scatter("member", "steps_last", source=self.res_source, marker="dash", size=14,
-                               line_width=2, color="#000000", legend_label="granted last round")
-        self.steps_fig.legend.location = "top_left"
-        self.steps_fig.legend.background_fill_alpha = 0.5
-        self.steps_fig.add_tools(HoverTool(renderers=[bars], tooltips=[
-            ("member", "@member"), ("next", "@steps_next"), ("last", "@steps_last"), ("fitness", "@fitness{0.000}")]))
+        self.heat_fig, self.heat_source, self.heat_alarm_source = (self.heatmap.figure, self.heatmap.source,
+                                                                   self.heatmap.alarm_source)
+        self.heat_renderer, self.color_bar = self.heatmap.renderer, self.heatmap.color_bar
+        self.traj_fig, self.traj_source, self.traj_points = (self.trajectories.figure, self.trajectories.source,
+                                                             self.trajectories.points)
+        self.res_fig, self.steps_fig, self.res_source = (self.resources.fig, self.resources.steps_fig,
+                                                         self.resources.source)
         # one document per row: the graph and the heatmap share the colour mapper
         self.top_widget = BokehModel(row(self.graph_fig, self.heat_fig))
         self.bottom_widget = BokehModel(row(self.traj_fig, self.res_fig, self.steps_fig))
         self._label_metric()
 
-    def _node_data(self, x: np.ndarray, y: np.ndarray) -> dict[str, list]:
-        n = self.n
-        return {"member": list(range(n)), "label": [str(i) for i in range(n)], "x": list(x), "y": list(y),
-                "value": [math.nan] * n, "size": [12.0] * n, "color": [NAN_COLOR] * n,
-                "line_color": ["#333333"] * n, "line_width": [1.0] * n, "arch": [""] * n, "hparams": [""] * n,
-                "status": [""] * n, "origin": [""] * n, "alarms": [0] * n}
+    # graph state lives in its view
+    similarity = property(lambda self: self.graph_view.similarity)
+    edges = property(lambda self: self.graph_view.edges)
+    graph = property(lambda self: self.graph_view.graph)
+    positions = property(lambda self: self.graph_view.positions)
+    layouts = property(lambda self: self.graph_view.layouts)
 
-    def _res_data(self) -> dict[str, list]:
-        n = self.n
-        return {"member": list(range(n)), "compute": [0.0] * n, "val_acc": [math.nan] * n, "per_s": [math.nan] * n,
-                "n_params": [0] * n, "psize": [8.0] * n, "arch": [""] * n, "steps_next": [0] * n,
-                "steps_last": [0] * n, "fitness": [math.nan] * n, "color": [NAN_COLOR] * n,
-                "line_color": ["#333333"] * n, "line_width": [1.0] * n}
-
-    # == reading the bus ===========================================================================
-    def _take(self, stream: str) -> pd.DataFrame | None:
-        """The batches of ``stream`` that arrived since the last redraw, as one frame (None if none)."""
-        batches = self.collector.tables.get(stream, [])
-        new = batches[self._consumed[stream]:]
-        self._consumed[stream] = len(batches)
-        new = [b for b in new if b.num_rows]
-        if not new:
-            return None
-        return pa.Table.from_batches(new).to_pandas()
-
-    def _ingest(self, rows: pd.DataFrame) -> None:
-        for rec in rows.to_dict("records"):  # in arrival order: the newest report per member wins
-            self.latest[int(rec["member"])] = rec
-        np.add.at(self.compute, rows["member"].to_numpy(dtype=int), np.nan_to_num(rows["compute_s"].to_numpy(float)))
-        for m in METRICS:
-            v = pd.to_numeric(rows[m], errors="coerce").to_numpy(float)
-            v = v[np.isfinite(v)]
-            if v.size:
-                lo, hi = self.ranges.get(m, (math.inf, -math.inf))
-                self.ranges[m] = (min(lo, float(v.min())), max(hi, float(v.max())))
-
+    # == reading the bus: the feed keeps what arrived ====================================================
     def latest_values(self, metric: str | None = None) -> np.ndarray:
         """(N,) the newest reported value of ``metric`` (default: the one shown) per member; NaN before any."""
-        metric = metric or self.metric.value
-        out = np.full(self.n, math.nan)
-        for m, rec in self.latest.items():
-            v = rec.get(metric)
-            out[m] = math.nan if v is None else float(v)
-        return out
+        return self.feed.latest_values(metric or self.metric.value)
 
     def stats_frame(self) -> pd.DataFrame:
         """Every weight-statistics row received (the bus's ``stats`` stream; ``rank`` is the member)."""
-        if self._stats_cache is None:
-            self._stats_cache = (pd.concat(self._stats_parts, ignore_index=True) if self._stats_parts
-                                 else pd.DataFrame(columns=["rank", "layer", "step", *TRAJECTORY_STATS]))
-        return self._stats_cache
+        return self.feed.stats_frame()
 
     # == running ===================================================================================
     def tick(self) -> bool:
@@ -515,6 +342,7 @@ class SwarmPanel(Panel):
                 self.node_source.selected.indices = chosen
             finally:
                 self._quiet = False
+        self.graph_view.label_selected(chosen)
         self._rebuild_trajectories()
         return self.selected
 
@@ -527,15 +355,14 @@ class SwarmPanel(Panel):
         """Take what arrived on the bus and draw it: one stream or patch per source."""
         t0 = time.perf_counter()
         self.collector.poll()
-        rows, stats, alarms = self._take("swarm"), self._take("stats"), self._take("swarm_alarms")
+        rows, stats, alarms = self.feed.take("swarm"), self.feed.take("stats"), self.feed.take("swarm_alarms")
         if rows is not None:
-            self._ingest(rows)
+            self.feed.ingest(rows)
             self._stream_heat(rows)
         if alarms is not None:
             self._take_alarms(alarms)
         if stats is not None:
-            self._stats_parts.append(stats)
-            self._stats_cache = None
+            self.feed.add_stats(stats)
             self._stream_trajectories(stats)
         table = self.swarm.table()
         self._update_range()
@@ -570,11 +397,11 @@ class SwarmPanel(Panel):
                         for a in latest)
         self.alarms_html.value = (
             f"<b>alarms</b>: {len(self.alarm_rows)} this run (latest first)"
-            "<table style='font-size:90%'><tr><th>round</th><th>member</th><th>detector</th><th>scope</th>"
+            "<table style='font-size:90%;table-layout:fixed;width:100%;word-break:break-word'><tr><th>round</th><th>member</th><th>detector</th><th>scope</th>"
             f"<th>evidence</th></tr>{cells}</table>")
 
     def _update_range(self) -> None:
-        lo, hi = self.ranges.get(self.metric.value, (0.0, 1.0))
+        lo, hi = self.feed.ranges.get(self.metric.value, (0.0, 1.0))
         if hi <= lo:
             hi = lo + max(abs(lo) * 1e-6, 1e-12)
         if (self.mapper.low, self.mapper.high) != (lo, hi):
@@ -593,104 +420,48 @@ class SwarmPanel(Panel):
                 [3.0 if q else 2.0 if f else 1.0 for q, f in zip(quarantined, flagged)])
 
     def _draw_graph(self, *, table: pd.DataFrame | None = None, force_edges: bool = False) -> None:
-        """Similarity of the current specs (rows of changed members only), the edges at the
-        threshold (a new spring layout only when they changed), and the nodes' values and looks."""
+        """Similarity of the current specs (rows of changed members only), the sparse edges at the
+        threshold (a new layout only when they changed), and the nodes' values and looks."""
         table = table if table is not None else self.swarm.table()
-        specs = [m.spec for m in self.swarm.members]
-        changed = (list(range(self.n)) if self._specs is None
-                   else [i for i, (a, b) in enumerate(zip(specs, self._specs)) if a != b])
-        sim = self.swarm.config.similarity
-        if len(changed) > self.n // 2:
-            self.similarity = sim.matrix(specs)
-        else:
-            for i in changed:
-                for j in range(self.n):
-                    if j != i:
-                        self.similarity[i, j] = self.similarity[j, i] = sim(specs[i], specs[j])
-        self._specs = specs
-        iu, ju = np.triu_indices(self.n, 1)
-        keep = self.similarity[iu, ju] >= float(self.threshold.value)
-        edges = frozenset(zip(iu[keep].tolist(), ju[keep].tolist()))
-        moved = edges != self.edges
-        if moved:
-            self.graph = nx.Graph()
-            self.graph.add_nodes_from(range(self.n))
-            self.graph.add_weighted_edges_from((a, b, float(self.similarity[a, b])) for a, b in edges)
-            init = self.positions if len(self.positions) == self.n else None
-            pos = nx.spring_layout(self.graph, pos=init, weight="weight", seed=self.seed) if self.n > 1 else {0: np.zeros(2)}
-            self.positions = {int(k): np.asarray(v, float) for k, v in pos.items()}
-            self.edges = edges
-            self.layouts += 1
+        g = self.graph_view
+        changed = g.update_similarity()
+        threshold = float(self.threshold.value)
+        moved = g.layout(threshold)
         if moved or changed or force_edges:
-            order = sorted(self.edges)
-            p = self.positions
-            s = [float(self.similarity[a, b]) for a, b in order]
-            self.edge_source.data = {"x0": [p[a][0] for a, _ in order], "y0": [p[a][1] for a, _ in order],
-                                     "x1": [p[b][0] for _, b in order], "y1": [p[b][1] for _, b in order],
-                                     "a": [a for a, _ in order], "b": [b for _, b in order], "similarity": s,
-                                     "alpha": [0.15 + 0.6 * (x - self.threshold.value) / max(1e-9, 1 - self.threshold.value)
-                                               for x in s]}
+            g.draw_edges(threshold)
         self._patch_nodes(table, with_positions=moved)
-        self.graph_fig.title.text = (f"{self.n} members, {len(self.edges)} edges at similarity ≥ "
-                                     f"{self.threshold.value:.2f} · size and colour: {self.metric.value}")
+        g.set_title(threshold, self.metric.value)
 
     def _patch_nodes(self, table: pd.DataFrame, *, with_positions: bool) -> None:
         status = table["status"].tolist()
         v, colors = self._node_colors(status)
-        lo, hi = self.mapper.low, self.mapper.high
-        size = np.where(np.isfinite(v), 9 + 17 * np.clip((np.nan_to_num(v) - lo) / (hi - lo), 0, 1), 9.0)
-        line_color, line_width = self._outline(status)
-        hp = [f"lr={r.lr:.3g} mom={r.momentum:.2f} wd={r.weight_decay:.2g} batch={int(r.batch_size)}"
-              for r in table.itertuples()]
-        cols: dict[str, list] = {"value": v.tolist(), "size": size.tolist(), "color": colors,
-                                 "line_color": line_color, "line_width": line_width, "arch": table["arch"].tolist(),
-                                 "hparams": hp, "status": status, "origin": table["origin"].tolist(),
-                                 "alarms": self.alarm_counts.tolist()}
-        if with_positions:
-            cols["x"] = [float(self.positions[i][0]) for i in range(self.n)]
-            cols["y"] = [float(self.positions[i][1]) for i in range(self.n)]
-        self.node_source.patch({k: [(slice(0, self.n), vals)] for k, vals in cols.items()})
+        self.graph_view.patch_nodes(table, v, colors, self._outline(status), self.mapper.low, self.mapper.high,
+                                    self._selected, self.alarm_counts.tolist(), with_positions=with_positions)
 
     def _draw_resources(self, table: pd.DataFrame, rows: pd.DataFrame | None) -> None:
-        acc = self.latest_values("val_acc")
-        n_params = self.latest_values("n_params")
-        root = np.sqrt(np.nan_to_num(n_params, nan=0.0))
-        top = root.max() if root.size and root.max() > 0 else 1.0
-        _, colors = self._node_colors(table["status"].tolist())
-        line_color, line_width = self._outline(table["status"].tolist())
-        with np.errstate(divide="ignore", invalid="ignore"):
-            per_s = np.where(self.compute > 0, acc / self.compute, math.nan)
-        cols = {"compute": self.compute.tolist(), "val_acc": acc.tolist(), "per_s": per_s.tolist(),
-                "n_params": np.nan_to_num(n_params).astype(int).tolist(), "psize": (6 + 20 * root / top).tolist(),
-                "arch": table["arch"].tolist(), "steps_next": table["steps_next"].astype(int).tolist(),
-                "steps_last": np.nan_to_num(self.latest_values("steps")).astype(int).tolist(),
-                "fitness": table["fitness"].astype(float).tolist(), "color": colors, "line_color": line_color,
-                "line_width": line_width}
-        self.res_source.patch({k: [(slice(0, self.n), vals)] for k, vals in cols.items()})
+        status = table["status"].tolist()
+        _, colors = self._node_colors(status)
+        self.resources.draw(table, self.feed.compute, self.latest_values("val_acc"), self.latest_values("n_params"),
+                            self.latest_values("steps"), colors, self._outline(status))
         if rows is not None:
             cpu, rss = float(rows["cpu_percent"].iloc[-1]), float(rows["rss_bytes"].iloc[-1])
             pol = self.swarm.policy
             rule = f"{pol.allocation}, T={pol.temperature:.3g}" if pol.allocation == "proportional" else "equal"
-            self.steps_fig.title.text = f"steps allotted next round ({rule}) · process CPU {cpu:.0f} %, RSS {rss / 2**20:.0f} MiB"
+            self.resources.title_steps(rule, cpu, rss / 2**20)
 
     def recolour(self) -> None:
         """Show the chosen metric: heatmap colour field, colour bar range, node sizes and colours."""
-        self.heat_renderer.glyph.fill_color = transform(self.metric.value, self.mapper)
         self._update_range()
         self._label_metric()
         table = self.swarm.table()
         self._patch_nodes(table, with_positions=False)
         self._draw_resources(table, None)
-        self.graph_fig.title.text = (f"{self.n} members, {len(self.edges or ())} edges at similarity ≥ "
-                                     f"{self.threshold.value:.2f} · size and colour: {self.metric.value}")
+        self.graph_view.set_title(float(self.threshold.value), self.metric.value)
 
     def _label_metric(self) -> None:
         m = self.metric.value
-        self.heat_fig.title.text = f"{m} per member and round (red outline: an alarm)"
-        self.color_bar.title = m
+        self.heatmap.show_metric(m, self.mapper)
         fmt = "{0,0}" if m in ("rss_bytes", "steps") else "{0.0000}"
-        self.heat_hover.tooltips = [("member", "@member (@arch)"), ("round", "@round"), (m, f"@{{{m}}}{fmt}"),
-                                    ("status", "@status")]
         self.node_hover.tooltips = [("member", "@member"), ("arch", "@arch"), ("hparams", "@hparams"),
                                     (m, f"@value{fmt}"), ("status", "@status"), ("origin", "@origin"),
                                     ("alarms", "@alarms")]
@@ -705,50 +476,10 @@ class SwarmPanel(Panel):
 
     def _rebuild_trajectories(self) -> None:
         """Every received statistics row of the selected members (selection or statistic changed)."""
-        rows = self._trajectory_rows(self.stats_frame())
-        stat = self.stat.value
-        self._series = {}
-        for (m, layer), g in rows.groupby(["rank", "layer"], sort=True):
-            self._series[int(m), str(layer)] = (g["step"].astype(float).tolist(), g[stat].astype(float).tolist())
-        keys = list(self._series)
-        self.traj_source.data = {"member": [m for m, _ in keys], "layer": [la for _, la in keys],
-                                 "xs": [self._series[k][0] for k in keys], "ys": [self._series[k][1] for k in keys],
-                                 "color": [Category10_10[m % 10] for m, _ in keys],
-                                 "dash": [layer_dash(la) for _, la in keys]}
-        self.traj_points.data = {"member": rows["rank"].astype(int).tolist(), "layer": rows["layer"].astype(str).tolist(),
-                                 "step": rows["step"].astype(float).tolist(), "value": rows[stat].astype(float).tolist(),
-                                 "color": [Category10_10[int(m) % 10] for m in rows["rank"]]}
-        who = ", ".join(map(str, self._selected)) or "none: tap a node"
-        self.traj_fig.title.text = f"weight {stat} per layer of members {who} (solid: out, dashed: h0, dotted: h1)"
-        self.traj_fig.yaxis.axis_label = f"weight {stat}"
+        self.trajectories.rebuild(self._trajectory_rows(self.stats_frame()), self.stat.value, self._selected)
 
     def _stream_trajectories(self, stats: pd.DataFrame) -> None:
-        rows = self._trajectory_rows(stats)
-        if rows.empty:
-            return
-        stat = self.stat.value
-        patches, added = [], {"member": [], "layer": [], "xs": [], "ys": [], "color": [], "dash": []}
-        index = {k: i for i, k in enumerate(self._series)}
-        for (m, layer), g in rows.groupby(["rank", "layer"], sort=True):
-            key = (int(m), str(layer))
-            xs, ys = self._series.setdefault(key, ([], []))
-            xs.extend(g["step"].astype(float).tolist())
-            ys.extend(g[stat].astype(float).tolist())
-            if key in index:
-                patches.append((index[key], key))
-            else:
-                for col, v in (("member", key[0]), ("layer", key[1]), ("xs", list(xs)), ("ys", list(ys)),
-                               ("color", Category10_10[key[0] % 10]), ("dash", layer_dash(key[1]))):
-                    added[col].append(v)
-        if patches:
-            self.traj_source.patch({"xs": [(i, list(self._series[k][0])) for i, k in patches],
-                                    "ys": [(i, list(self._series[k][1])) for i, k in patches]})
-        if added["member"]:
-            self.traj_source.stream(added)
-        self.traj_points.stream({"member": rows["rank"].astype(int).tolist(), "layer": rows["layer"].astype(str).tolist(),
-                                 "step": rows["step"].astype(float).tolist(), "value": rows[stat].astype(float).tolist(),
-                                 "color": [Category10_10[int(m) % 10] for m in rows["rank"]]},
-                                rollover=self.max_points)
+        self.trajectories.stream(self._trajectory_rows(stats), self.stat.value, self.max_points)
 
     # -- status
     def _draw_status(self, table: pd.DataFrame | None = None) -> None:

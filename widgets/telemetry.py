@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import html
 import math
-import time
 from collections.abc import Sequence
 
 import ipywidgets as w
@@ -14,8 +13,6 @@ from bokeh.models import (
     FactorRange,
     GroupFilter,
     HoverTool,
-    Legend,
-    LegendItem,
     LogAxis,
     LogScale,
     Range1d,
@@ -23,13 +20,13 @@ from bokeh.models import (
 )
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
-from jupyter_bokeh.widgets import BokehModel
 
 from adaptive_kit.telemetry import FAULT_KINDS, KINDS, LEVELS, Fault, RulePolicy, Telemetry
 from adaptive_kit.telemetry.episodes import EpisodeSpec, Run, Workload, run, workload
 from adaptive_kit.telemetry.faults import LAYER_KINDS, QUIET_KINDS, layer_candidates
 
-from .common import LivePlot, Panel, control_row, panel_layout
+from .common import LivePlot, Panel, ThrottledStream, control_row, panel_layout
+from .plots import colour_key, house_style, set_title
 
 STATS = ("norm", "std", "mean", "min", "max", "zero_frac", "nonfinite")
 STATIC_LEVELS = tuple(lv for lv in LEVELS if lv != "off")
@@ -44,7 +41,7 @@ def fault_options() -> list[tuple[str, str]]:
     return [("none", "none"), *((f"{k} (quiet)" if k in QUIET_KINDS else k, k) for k in FAULT_KINDS)]
 
 
-class LevelMap:
+class LevelMap(ThrottledStream):
     """A steps x (kind, layer) map of the level each layer was seen at, with the alarms on top.
 
     ``push`` buffers one step (a level per row, and the step's alarms) and streams at most every
@@ -63,30 +60,25 @@ class LevelMap:
     def __init__(self, rows: Sequence[str], *, rollover: int = 20000, min_interval_s: float = 0.25,
                  width: int = 600, height: int | None = None) -> None:
         self.rows = [*rows, LOSS_ROW]
-        self.rollover, self.min_interval_s = rollover, min_interval_s
         self.source = ColumnDataSource(self._empty_cells())
         self.alarms = ColumnDataSource(self._empty_alarms())
-        self.figure = figure(title="level per layer and step (marks: alarms)", width=width,
-                             height=height or 60 + 18 * len(self.rows), x_axis_label="step",
-                             y_range=FactorRange(*reversed(self.rows)), tools="pan,xwheel_zoom,reset,save")
-        cells = {lv: self.figure.rect("step", "row", width=1, height=0.9, color=color, source=self.source,
-                                      view=CDSView(filter=GroupFilter(column_name="level", group=lv)))
-                 for lv, color in LEVEL_COLORS.items()}  # one glyph per level: a fixed colour and legend
-        self.figure.add_layout(Legend(orientation="horizontal", location="top_left",
-                                      items=[LegendItem(label=lv, renderers=[r]) for lv, r in cells.items()]),
-                               "above")
-        marks = self.figure.scatter("step", "row", marker="marker", size=11, line_color="black", line_width=2,
-                                    fill_color=None, source=self.alarms)
-        self.figure.add_tools(
+        fig = figure(title="level per layer and step (× and ◇: alarms; dashed line: the fault)", width=width,
+                     height=height or 90 + 18 * len(self.rows), x_axis_label="step",
+                     y_range=FactorRange(*reversed(self.rows)), tools="pan,xwheel_zoom,reset,save")
+        cells = {lv: fig.rect("step", "row", width=1, height=0.9, color=color, source=self.source,
+                              view=CDSView(filter=GroupFilter(column_name="level", group=lv)))
+                 for lv, color in LEVEL_COLORS.items()}  # one glyph per level: a fixed colour
+        colour_key(fig, LEVEL_COLORS, side="above")
+        marks = fig.scatter("step", "row", marker="marker", size=11, line_color="black", line_width=2,
+                            fill_color=None, source=self.alarms)
+        fig.add_tools(
             HoverTool(renderers=list(cells.values()), tooltips=[("step", "@step"), ("", "@row"), ("level", "@level")]),
             HoverTool(renderers=[marks], tooltips=[("step", "@step"), ("", "@row"), ("alarm", "@detector")]))
         self.fault_line = Span(location=0, dimension="height", line_color="black", line_dash="dashed",
                                line_width=2, visible=False)
-        self.figure.add_layout(self.fault_line)
-        self.widget = BokehModel(self.figure)
-        self._cells: list[tuple[int, str, str]] = []
-        self._marks: list[tuple[int, str, str, str]] = []
-        self._last = -math.inf
+        fig.add_layout(self.fault_line)
+        house_style(fig)
+        super().__init__(fig, min_interval_s=min_interval_s, rollover=rollover)
 
     @staticmethod
     def _empty_cells() -> dict[str, list]:
@@ -98,37 +90,31 @@ class LevelMap:
 
     def push(self, step: int, levels: dict[str, str], alarms: Sequence = ()) -> None:
         """Add one step: ``levels`` maps row -> level; ``alarms`` are the step's :class:`Alarm` s."""
-        self._cells.extend((step, r, lv) for r, lv in levels.items())
+        items: list[tuple] = [("cell", step, r, lv) for r, lv in levels.items()]
         for a in alarms:
             if a.kind not in KINDS:
-                self._marks.append((step, LOSS_ROW, a.detector, "x"))
+                items.append(("mark", step, LOSS_ROW, a.detector, "x"))
             elif a.layer == "*":
-                self._marks.extend((step, r, a.detector, "diamond") for r in self.rows if r.startswith(f"{a.kind} "))
+                items.extend(("mark", step, r, a.detector, "diamond") for r in self.rows if r.startswith(f"{a.kind} "))
             else:
-                self._marks.append((step, f"{a.kind} {a.layer}", a.detector, "x"))
-        if time.monotonic() - self._last >= self.min_interval_s:
-            self.flush()
+                items.append(("mark", step, f"{a.kind} {a.layer}", a.detector, "x"))
+        self._add(*items)
 
-    def flush(self) -> None:
-        """Draw every buffered cell and alarm now."""
-        if self._cells:
-            steps, rows, levels = zip(*self._cells)
-            self.source.stream({"step": list(steps), "row": list(rows), "level": list(levels)},
-                               rollover=self.rollover)
-        if self._marks:
-            steps, rows, detectors, markers = zip(*self._marks)
-            self.alarms.stream({"step": list(steps), "row": list(rows), "detector": list(detectors),
-                                "marker": list(markers)}, rollover=self.rollover)
-        self._cells.clear()
-        self._marks.clear()
-        self._last = time.monotonic()
+    def _columns(self, pending: list) -> dict[ColumnDataSource, dict[str, list]]:
+        cells = [c[1:] for c in pending if c[0] == "cell"]
+        marks = [m[1:] for m in pending if m[0] == "mark"]
+        out: dict[ColumnDataSource, dict[str, list]] = {}
+        if cells:
+            steps, rows, levels = zip(*cells)
+            out[self.source] = {"step": list(steps), "row": list(rows), "level": list(levels)}
+        if marks:
+            steps, rows, detectors, markers = zip(*marks)
+            out[self.alarms] = {"step": list(steps), "row": list(rows), "detector": list(detectors),
+                                "marker": list(markers)}
+        return out
 
-    def clear(self) -> None:
-        """Drop every cell and alarm, drawn or pending."""
-        self._cells.clear()
-        self._marks.clear()
-        self.source.data = self._empty_cells()
-        self.alarms.data = self._empty_alarms()
+    def _empty(self) -> dict[ColumnDataSource, dict[str, list]]:
+        return {self.source: self._empty_cells(), self.alarms: self._empty_alarms()}
 
     def levels_at(self, step: int) -> dict[str, str]:
         """Row -> level drawn at ``step`` (after :meth:`flush`)."""
@@ -173,12 +159,14 @@ class TelemetryPanel(Panel):
         self.stat = w.Dropdown(options=STATS, value="norm", description="statistic")
         self.run_button = w.Button(description="Run", button_style="primary", icon="play")
         self.level_map = LevelMap([f"{k} {n}" for k in KINDS for n in self.layers[k]])
-        self.plots = {k: LivePlot([*self.layers[k], "*"], title=f"{k}: per-layer {self.stat.value}",
-                                  width=600, height=240) for k in KINDS}
+        self.plots = {k: LivePlot([*self.layers[k], "*"], title=f"{k}: per-layer {self.stat.value} (dots: steps seen)",
+                                  y_label=self.stat.value, labels={"*": "all (pooled)"}, width=600, height=240)
+                      for k in KINDS}
         for p in self.plots.values():  # a layer seen every few steps is a dot, not a line
             for i, name in enumerate(p.series):
                 p.figure.scatter(p.x_name, name, source=p.source, size=4, color=Category10_10[i % 10])
-        self.bytes_plot = LivePlot(["bytes"], title="bytes sent per step", y_log=True, width=600, height=200)
+        self.bytes_plot = LivePlot(["bytes"], title="bytes sent per step", y_label="bytes (B, log)", y_log=True,
+                                   width=600, height=200)
         self.alarm_box = w.HTML("<i>no run yet</i>")
         self.out = w.Output()
         self.result: Run | None = None
@@ -289,7 +277,8 @@ class TelemetryPanel(Panel):
         """Redraw the last run's per-layer plots with the chosen statistic."""
         for kind, p in self.plots.items():
             p.clear()
-            p.figure.title.text = f"{kind}: per-layer {self.stat.value}"
+            set_title(p.figure, f"{kind}: per-layer {self.stat.value} (dots: steps seen)")
+            p.figure.yaxis.axis_label = self.stat.value
         for step, observations in self._history:
             self._push(step, observations)
         for p in self.plots.values():
@@ -320,9 +309,10 @@ def cost_ladder_figure(ladder: pd.DataFrame, *, width: int = 560, height: int = 
                  y_range=Range1d(0, 1.15 * max(float(v) for v in ladder["x_step"])))
     fig.extra_y_ranges = {"bytes": Range1d(low, 3 * max(sent))}
     fig.extra_y_scales = {"bytes": LogScale()}
-    fig.add_layout(LogAxis(y_range_name="bytes", axis_label="bytes per step (log)"), "right")
+    fig.add_layout(LogAxis(y_range_name="bytes", axis_label="bytes per step (B, log)"), "right")
     fig.vbar(x=[(lv, "time") for lv in levels], top=list(ladder["x_step"]), width=0.8, color=Category10_10[0])
     fig.vbar(x=[(lv, "bytes") for lv in levels], top=[max(b, low) for b in sent], bottom=low, width=0.8,
              color=Category10_10[1], y_range_name="bytes")
     fig.xaxis.major_label_orientation = 0.9
-    return fig
+    colour_key(fig, {"time": Category10_10[0], "bytes": Category10_10[1]})
+    return house_style(fig)

@@ -4,7 +4,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import ARTIFACTS, CHROMIUM, NOTEBOOKS, JupyterLab, LabPage, browser, copy_notebooks
+
+from widgets.browser import (
+    ARTIFACTS,
+    CHROMIUM,
+    NOTEBOOKS,
+    JupyterLab,
+    LabPage,
+    browser,
+    copy_notebooks,
+)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from harness import REPO
+
+from widgets.browser import REPO
 
 
 @pytest.mark.parametrize("required", [False, True])
@@ -29,7 +30,7 @@ def test_ink_tells_a_drawn_canvas_from_a_blank_one(chromium):
     try:
         page.set_content("<canvas id=blank width=100 height=80></canvas><canvas id=white width=100 height=80>"
                          "</canvas><canvas id=drawn width=100 height=80></canvas>")
-        page.add_script_tag(path=str(REPO / "tests" / "browser" / "probe.js"))
+        page.add_script_tag(path=str(REPO / "widgets" / "browser_probe.js"))
         blank, white, drawn = page.evaluate("""() => {
             const get = (id) => document.getElementById(id);
             const w = get('white').getContext('2d'); w.fillStyle = '#fff'; w.fillRect(0, 0, 100, 80);

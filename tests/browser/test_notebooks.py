@@ -1,11 +1,17 @@
 """Every notebook in a real JupyterLab in headless chromium: Run All in fast mode, no error output,
-every widget and plot drawn, and one interaction with the notebook's panel that changes its plots'
-data, as a user would make it (a dropdown, a slider key, a button, a tab)."""
+every widget and plot drawn, one interaction with the notebook's panel that changes its plots'
+data, as a user would make it (a dropdown, a slider key, a button, a tab), and every figure on the
+page readable: no title or axis label wider than its figure, no glyph data outside the visible
+range, no legend over a glyph (the house style of ``widgets/plots.py``, measured in the page).
+
+Screenshots, whole cells at full height, go to ``artifacts/browser/``: ``<notebook>.png`` is the
+panel after the interaction, ``<notebook>_cell<i>.png`` every other cell that shows a figure."""
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from harness import NOTEBOOKS, LabPage
+
+from widgets.browser import NOTEBOOKS, LabPage
 
 pytestmark = pytest.mark.timeout(900)
 WAITS_FOR_INPUT = ("tap a node",)  # titles of figures that stay empty until the user picks something
@@ -92,7 +98,14 @@ def test_notebook_runs_renders_and_responds(lab_page, artifacts, case):
     for step in case.steps:
         step(page, page.cell(panel))
     after = page.wait_for_change(panel, before)
-    page.screenshot(artifacts / f"{case.notebook.removesuffix('.ipynb')}.png", panel)
+    stem = case.notebook.removesuffix(".ipynb")
+    page.screenshot_cell(artifacts / f"{stem}.png", panel)
+    for cell in page.plot_cells():
+        if cell != panel:
+            page.screenshot_cell(artifacts / f"{stem}_cell{cell}.png", cell)
     assert after["hash"] != before["hash"], "the interaction did not change the panel's data"
     assert not [c for c in page.cells() if c["errors"]], "the interaction raised"
     assert not page.problems, page.problems
+    assert page.probe("figureCount", None) >= len(plots), "the house-style check found no figures"
+    problems = page.layout_problems()
+    assert not problems, "figures a reader cannot read cleanly:\n" + "\n".join(problems)

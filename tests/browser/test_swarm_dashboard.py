@@ -8,7 +8,8 @@ half the frame rate), stops updating or loses reports, and saves the figures and
 import json
 
 import pytest
-from harness import measure_swarm_dashboard
+
+from widgets.browser import measure_swarm_dashboard
 
 SECONDS, MEMBERS = 60, 64
 

@@ -1,7 +1,9 @@
 """JupyterLab in a real browser: start a lab over a temporary folder, open a notebook in Debian's
-chromium through playwright, run it, and read what the page shows (probe.js does the reading).
+chromium through playwright, run it, and read what the page shows (``browser_probe.js`` does the
+reading, and checks the house style of every figure: ``LabPage.layout_problems``).
 
-Used by the browser tests and by ``benchmarks/dashboard.py``. Chromium is ``/usr/bin/chromium``
+Used by the browser tests (``tests/browser``) and by ``benchmarks/dashboard.py``; it imports neither
+bokeh nor the kit, and playwright only when a browser starts. Chromium is ``/usr/bin/chromium``
 (Debian's ``chromium`` package: ``make chromium``) unless ``ADAPTIVE_KIT_CHROMIUM`` names another.
 """
 from __future__ import annotations
@@ -20,8 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-PROBE = Path(__file__).with_name("probe.js")
+REPO = Path(__file__).resolve().parents[1]
+PROBE = Path(__file__).with_name("browser_probe.js")
 NOTEBOOKS = sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb"))
 ARTIFACTS = REPO / "artifacts" / "browser"  # screenshots and figures (gitignored)
 CHROMIUM = Path(os.environ.get("ADAPTIVE_KIT_CHROMIUM", "/usr/bin/chromium"))
@@ -236,6 +238,30 @@ class LabPage:
             self.cell(cell).evaluate("(el) => el.scrollIntoView({block: 'start'})")
             time.sleep(0.3)
         self.page.screenshot(path=str(path))
+
+    def screenshot_cell(self, path: Path, cell: int, max_height: int = 8000) -> None:
+        """Cell ``cell`` whole, however tall: the viewport grows to hold it for the shot (the notebook
+        scrolls inside the page, so a taller page is the only way to see all of a tall panel at once)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = self.page.viewport_size
+        height = self.cell(cell).evaluate("(el) => el.getBoundingClientRect().height")
+        try:
+            self.page.set_viewport_size({"width": size["width"], "height": int(min(max_height, height + 300))})
+            time.sleep(0.5)  # the lab lays out again
+            self.cell(cell).evaluate("(el) => el.scrollIntoView({block: 'start'})")
+            time.sleep(0.5)
+            self.cell(cell).screenshot(path=str(path))
+        finally:
+            self.page.set_viewport_size(size)
+
+    def plot_cells(self) -> list[int]:
+        """Indices of the cells that show a bokeh plot."""
+        return sorted({p["cell"] for p in self.plots() if p["visible"] and p["cell"] >= 0})
+
+    def layout_problems(self, cell: int | None = None) -> list[str]:
+        """House-style problems of every figure in ``cell`` (all cells when None): a title or axis
+        label wider than its figure, glyph data outside the visible range, a legend over a glyph."""
+        return self.probe("layoutProblems", cell)
 
 
 def write_notebook(path: Path, cells: list[str]) -> None:

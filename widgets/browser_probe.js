@@ -84,9 +84,128 @@ window.akProbe = (() => {
     return { title: f.title ? String(f.title.text ?? f.title) : "", rows };
   });
 
+
+  // -- house style (widgets/plots.py): what a reader sees of each figure ------------------------------
+  // Plot views under a root view (rows, columns, grids of figures).
+  const plotViews = (view, out = []) => {
+    if (view.frame && view.computed_renderer_views) out.push(view);
+    for (const child of view.child_views || []) plotViews(child, out);
+    return out;
+  };
+  const arr = (a) => (a && typeof a.length === "number" ? a : null);
+  // Screen points of a glyph view where its data is drawn (canvas px), per glyph kind:
+  // `range` points must lie in the frame, `cover` points (denser: along lines) must not be under a legend.
+  const glyphPoints = (gv) => {
+    const type = gv.model.type;
+    const pts = [];
+    const pairs = (xs, ys) => {
+      xs = arr(xs); ys = arr(ys);
+      if (!xs || !ys) return;
+      for (let i = 0; i < Math.min(xs.length, ys.length); i++) pts.push([xs[i], ys[i], i]);
+    };
+    const mid = (a, b) => (arr(a) && arr(b) ? Array.from(a, (v, i) => (v + b[i]) / 2) : null);
+    if (type === "VBar") pairs(gv.sx || mid(gv.sleft, gv.sright), gv.stop);
+    else if (type === "HBar") { const sy = gv.sy || mid(gv.stop, gv.sbottom); pairs(gv.sleft, sy); pairs(gv.sright, sy); }
+    else if (type === "Quad") { pairs(gv.sleft, gv.stop); pairs(gv.sright, gv.sbottom); }
+    else if (type === "Segment") { pairs(gv.sx0, gv.sy0); pairs(gv.sx1, gv.sy1); }
+    else if (type === "VArea") { pairs(gv.sx, gv.sy1); pairs(gv.sx, gv.sy2); }
+    else if (type === "MultiLine" && gv.sxs && gv.sys) {
+      const n = gv.sxs.length;
+      for (let i = 0; i < n; i++) {
+        const xs = gv.sxs.get ? gv.sxs.get(i) : gv.sxs[i], ys = gv.sys.get ? gv.sys.get(i) : gv.sys[i];
+        for (let j = 0; j < Math.min(xs.length, ys.length); j++) pts.push([xs[j], ys[j], i]);
+      }
+    } else pairs(gv.sx, gv.sy);
+    return pts.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
+  };
+  // Points along a line glyph's segments too (a line can cross a legend between two vertices).
+  const coverPoints = (gv, pts) => {
+    if (gv.model.type !== "Line" && gv.model.type !== "MultiLine") return pts;
+    const out = [];
+    for (let i = 0; i < pts.length; i++) {
+      out.push(pts[i]);
+      const next = pts[i + 1];
+      if (next && next[2] === pts[i][2] || (next && gv.model.type === "Line"))
+        for (let t = 1; t < 8; t++) out.push([pts[i][0] + (next[0] - pts[i][0]) * t / 8, pts[i][1] + (next[1] - pts[i][1]) * t / 8]);
+    }
+    return out;
+  };
+  const glyphViews = (pv) => {
+    const out = [];
+    for (const rv of pv.computed_renderer_views) {
+      if (!rv.model.visible) continue;
+      if (rv.node_view) out.push([rv.node_view, rv.node_view.glyph], [rv.edge_view, rv.edge_view.glyph]);
+      else if (rv.glyph && rv.glyph.model) out.push([rv, rv.glyph]);
+    }
+    return out;
+  };
+  let measurer = null;
+  const textWidth = (text, style, size, face) => {
+    measurer = measurer || document.createElement("canvas").getContext("2d");
+    measurer.font = `${style || "normal"} ${size || "13px"} ${face || "helvetica"}`;
+    return Math.max(0, ...String(text).split("\n").map((line) => measurer.measureText(line).width));
+  };
+  const label = (t) => (t == null ? "" : typeof t === "string" ? t : (t.text ?? String(t)));
+  const name = (pv) => `figure "${label(pv.model.title && pv.model.title.text).replace(/\n/g, " ")}"`;
+
+  // Every house-style rule one figure breaks, as sentences.
+  const figureProblems = (pv) => {
+    const problems = [];
+    const frame = pv.frame.bbox;
+    const width = pv.model.width || pv.canvas_view.bbox.width, height = pv.model.height || pv.canvas_view.bbox.height;
+    const title = pv.model.title;
+    if (title && label(title.text)) {
+      const w = textWidth(label(title.text), title.text_font_style, title.text_font_size, title.text_font);
+      if (w > width) problems.push(`${name(pv)}: title ${w.toFixed(0)} px wide in a ${width} px figure`);
+    }
+    const axes = [...pv.model.below, ...pv.model.above].map((a) => [a, width])
+      .concat([...pv.model.left, ...pv.model.right].map((a) => [a, height]));
+    for (const [axis, room] of axes) {
+      if (!axis.visible || !("axis_label" in axis) || !label(axis.axis_label)) continue;
+      const w = textWidth(label(axis.axis_label), axis.axis_label_text_font_style, axis.axis_label_text_font_size,
+                          axis.axis_label_text_font);
+      if (w > room) problems.push(`${name(pv)}: axis label "${label(axis.axis_label)}" ${w.toFixed(0)} px in ${room} px`);
+    }
+    const legends = pv.computed_renderer_views.filter((v) => v.model.type === "Legend" && v.model.visible)
+      .map((v) => v.bbox).filter((b) => b && b.width > 0 && b.height > 0);
+    const tol = 2;
+    for (const [rv, gv] of glyphViews(pv)) {
+      const pts = glyphPoints(gv);
+      const out = pts.filter(([x, y]) => x < frame.left - tol || x > frame.right + tol || y < frame.top - tol
+                                          || y > frame.bottom + tol);
+      if (out.length) {
+        problems.push(`${name(pv)}: ${out.length} of ${pts.length} points of a ${gv.model.type} outside the visible `
+                      + `range (first at ${out[0][0].toFixed(0)}, ${out[0][1].toFixed(0)}; frame ${frame.left.toFixed(0)}..`
+                      + `${frame.right.toFixed(0)} x ${frame.top.toFixed(0)}..${frame.bottom.toFixed(0)})`);
+      }
+      const dense = coverPoints(gv, pts);
+      for (const b of legends) {
+        const under = dense.filter(([x, y]) => x > b.left && x < b.right && y > b.top && y < b.bottom);
+        if (under.length) problems.push(`${name(pv)}: the legend covers ${under.length} points of a ${gv.model.type}`);
+      }
+      void rv;
+    }
+    return problems;
+  };
+
   const roots = (cell) => [...window.Bokeh.index].filter((v) => cell == null || cellOf(v.el) === cell);
 
   return {
+    // House-style problems of every figure (of one cell, or all when null): titles or axis labels
+    // wider than their figure, glyph data outside the visible range, legends over glyphs.
+    layoutProblems(cell) {
+      if (!window.Bokeh) return [];
+      const out = [];
+      for (const root of roots(cell)) {
+        for (const pv of plotViews(root)) for (const p of figureProblems(pv)) out.push(`cell ${cellOf(root.el)}: ${p}`);
+      }
+      return out;
+    },
+    // How many figures the house-style check looked at (of one cell, or all when null).
+    figureCount(cell) {
+      if (!window.Bokeh) return 0;
+      return roots(cell).reduce((n, root) => n + plotViews(root).length, 0);
+    },
     cellOf,
     ink,
     // Per cell: index, type, execution count, error outputs, whether it shows widgets / bokeh,
