@@ -27,13 +27,18 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 test: lint
-	ADAPTIVE_KIT_FAST=1 $(VENV)/bin/pytest tests notebooks $(NBVAL)
+	ADAPTIVE_KIT_FAST=1 $(VENV)/bin/pytest --durations=15 tests notebooks $(NBVAL)
 
-# Debian's chromium for the browser tests (tests/browser): apt, as root or through sudo.
+# Debian's chromium for the browser tests (tests/browser): apt, as root or through sudo. One line
+# on success; apt's output goes to a log that is shown only when the install fails.
+CHROMIUM_LOG ?= /tmp/adaptive-kit-chromium.log
+APT = env DEBIAN_FRONTEND=noninteractive apt-get -y -qq -o Dpkg::Use-Pty=0
 chromium:
-	@if [ -x /usr/bin/chromium ]; then echo "chromium: $$(/usr/bin/chromium --version 2>/dev/null)"; \
-	elif [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }; \
-	else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi
+	@if [ -x /usr/bin/chromium ]; then echo "chromium: $$(/usr/bin/chromium --version 2>/dev/null)"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	{ $$SUDO $(APT) install chromium || { $$SUDO $(APT) update && $$SUDO $(APT) install chromium; }; } \
+		>$(CHROMIUM_LOG) 2>&1 || { cat $(CHROMIUM_LOG); echo "make chromium: apt failed (log above)"; exit 1; }; \
+	echo "chromium: $$(/usr/bin/chromium --version 2>/dev/null) installed"
 
 # Start JupyterLab exactly as `make lab` does, check that it answers over HTTP, stop it.
 lab-smoke: install
