@@ -2,6 +2,7 @@
 a plain module per member otherwise; both match per-member torch.optim.SGD training."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -123,3 +124,83 @@ def test_a_member_moving_between_paths_keeps_its_weights(data):
         for ma, mb in zip(a.members, b.members):
             for k in ma.params:
                 torch.testing.assert_close(ma.params[k], mb.params[k], atol=1e-5, rtol=1e-4)
+
+
+# --- devices and host synchronisation ---------------------------------------------------------------
+
+def test_grouped_training_matches_torch_sgd_on_each_device(data, devices):
+    specs = specs_of(A) + specs_of(B, (0.2,))
+    with Swarm(data, config(4, vmap_min=2), specs=specs, device=devices) as swarm:
+        assert swarm.x.device.type == devices and all(
+            p.device.type == devices for m in swarm.members for p in m.params.values())
+        init = [{k: v.cpu().clone() for k, v in m.params.items()} for m in swarm.members]
+        gens = [torch.Generator().set_state(m.gen.get_state()) for m in swarm.members]
+        swarm.run(2, progress=False)
+        with Swarm(data, config(4, vmap_min=2), specs=specs, device="cpu") as ref:
+            for m, ref_params in zip(swarm.members, plain_sgd(ref, init, gens, 14)):
+                for k, v in ref_params.items():
+                    torch.testing.assert_close(m.params[k].cpu(), v, atol=1e-4, rtol=1e-3)
+        assert swarm.history()["device"].str.startswith(devices).all()
+
+
+HOST_READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__")
+
+
+def count_host_reads(monkeypatch) -> dict[str, int]:
+    """Counts the calls of every Tensor method that reads a value back to the host."""
+    counts = dict.fromkeys(HOST_READS, 0)
+    for name in HOST_READS:
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _orig=orig, **kw):
+            counts[_name] += 1
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+@pytest.mark.parametrize("vmap_min", [2, 5])
+def test_host_reads_per_round_do_not_grow_with_steps(data, monkeypatch, vmap_min):
+    """No .item(), .cpu() or truth test per step: a round of 12 steps reads back from the device
+    as often as a round of 3."""
+    reads = {}
+    for steps in (3, 12):
+        specs = specs_of(A) + specs_of(B, (0.2,))
+        cfg = dataclasses.replace(config(4, vmap_min=vmap_min), steps_per_round=steps)
+        with Swarm(data, cfg, specs=specs) as swarm:
+            swarm.step()
+            with monkeypatch.context() as mp:
+                counts = count_host_reads(mp)
+                swarm.step()
+            reads[steps] = dict(counts)
+    assert reads[3] == reads[12]
+    assert reads[3]["cpu"] > 0  # the counting works: the evaluation reads its metrics back once a round
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("vmap_min", [2, 5])
+def test_cuda_synchronisations_per_round_do_not_grow_with_steps(data, vmap_min):
+    """torch.cuda.set_sync_debug_mode counts every synchronising call; a round of 12 steps makes
+    as many as a round of 3 (its batches go over in one copy, its losses come back in one)."""
+    import warnings
+
+    syncs = {}
+    for steps in (3, 12):
+        cfg = dataclasses.replace(config(4, vmap_min=vmap_min), steps_per_round=steps)
+        with Swarm(data, cfg, specs=specs_of(A) + specs_of(B, (0.2,)), device="cuda") as swarm:
+            swarm.step()
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    ms = swarm.members
+                    idx = torch.randint(0, len(swarm.x), (steps, 16), device="cuda")
+                    swarm._steps_one(ms[3], idx)
+                    if vmap_min == 2:
+                        swarm._steps_batched(ms[:3], np.full(3, steps), idx[None].expand(3, -1, -1))
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs[steps] = sum("synchroniz" in str(w.message) for w in caught)
+    assert syncs[3] == syncs[12], syncs
