@@ -8,7 +8,7 @@ LAB_PORT ?= 8888
 LAB_FLAGS = --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --ServerApp.root_dir=notebooks --ServerApp.allow_root=True
 NBVAL = --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: install lab test lint lab-smoke chromium clean
+.PHONY: install lab test lint lab-smoke chromium clean gpu-wheels gpu-check
 
 # torch==2.13.0 goes in first: it is the CPU build here, so the kit's `torch>=2.3`
 # is already satisfied and pip pulls no CUDA packages.
@@ -46,3 +46,20 @@ lab-smoke: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info
+
+# GPU machines (.ci/gpu_check.py): `make gpu-wheels` where a package index is reachable, then on
+# a GPU machine whose python3 already holds a CUDA torch and reaches no index, `make gpu-check`.
+# CI runs the same check on the CPU: `make gpu-check GPU_DEVICE=cpu` (the venv's python, small sizes).
+GPU_WHEELS ?= .gpu-wheels
+GPU_DEVICE ?= cuda
+GPU_PY ?= $(if $(filter cpu,$(GPU_DEVICE)),$(PY),python3)
+# the kit's requirements but torch, for CPython 3.12 on manylinux x86-64, binary wheels only
+gpu-wheels: install
+	mkdir -p $(GPU_WHEELS)
+	$(PY) .ci/gpu_check.py --requirements > $(GPU_WHEELS)/requirements.txt
+	$(PY) -m pip download --quiet --dest $(GPU_WHEELS) --only-binary=:all: --implementation cp \
+		--python-version 3.12 --abi cp312 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -r $(GPU_WHEELS)/requirements.txt
+
+gpu-check:
+	$(GPU_PY) .ci/gpu_check.py --device $(GPU_DEVICE) --wheels $(GPU_WHEELS) --json benchmarks/out/gpu_check.json
