@@ -70,3 +70,12 @@ def budget(full: T, fast: T) -> T:
     Every notebook sizes its runs through this one call, so that the tests run them small.
     """
     return fast if fast_mode() else full
+
+
+def rank_generator(seed: int, rank: int) -> torch.Generator:
+    """A CPU generator for one worker's data draws: distinct per ``rank``, repeatable per ``seed``.
+
+    Every capability that shards batches over ranks draws them from this, so that a simulated
+    worker and the real rank ``rank`` see the same batches.
+    """
+    return torch.Generator().manual_seed(seed * 100_003 + rank)
