@@ -346,3 +346,10 @@ def test_follow_stream_rejects_bad_shapes_and_windows(kwargs, message):
     x, y = args.pop("x"), args.pop("y")
     with pytest.raises(ValueError, match=message):
         follow_stream(x, y, **args)
+
+
+def test_anes96_has_seven_ordered_party_identifications():
+    d = data.anes96()
+    assert d.x.shape == (944, 8) and d.classes == 7 and d.levels[0] == "strong Dem" and d.levels[-1] == "strong Rep"
+    assert torch.bincount(d.y).tolist() == [200, 180, 108, 37, 94, 150, 175]
+    assert torch.allclose(d.x.mean(0), torch.zeros(8), atol=1e-5) and torch.allclose(d.x.std(0), torch.ones(8), atol=1e-2)

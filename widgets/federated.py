@@ -24,6 +24,7 @@ from adaptive_kit.federated.data import OrdinalData, Stream, drifting_stream, mi
 from adaptive_kit.federated.partition import DataPartition, adaptive_partition, n_parts
 
 from .common import LivePlot, Panel, control_row, panel_layout
+from .plots import house_style
 
 STEPS = (0, 1, 5)  # adaptation steps after which each client is evaluated
 BASELINE = "fedavg"
@@ -71,6 +72,44 @@ def method_mae_figure(summaries: Mapping[str, Mapping[str, float]], alone: float
         fig.title.text += f" (dashed: each client alone, {alone:.3f})"
     fig.add_tools(HoverTool(tooltips=[("", "@x"), ("MAE", "@mae{0.000}")]))
     return fig
+
+
+def per_client_mae_figure(evals: Mapping[str, Mapping[int, Mapping[str, torch.Tensor]]], alone: torch.Tensor, *,
+                          ours: str, steps: Sequence[int] = STEPS, width: int = 330, height: int = 280):
+    """One small figure per number of ``steps``: every client's test MAE under each method of
+    ``evals`` (as :func:`meta.evaluate` returns), ``ours`` drawn as a red line over the others'
+    dots, and each client alone (``alone``, per-client MAE) as black dashes."""
+    figs = []
+    for i, s in enumerate(steps):
+        fig = figure(title=f"after {s} step{'s' * (s != 1)}", width=width + (170 if i == len(steps) - 1 else 0),
+                     height=height, x_axis_label="client", y_axis_label="test MAE" if i == 0 else "",
+                     tools="save,reset,box_zoom")
+        clients = list(range(len(alone)))
+        for j, (name, ev) in enumerate(m for m in evals.items() if m[0] != ours):
+            fig.scatter(clients, ev[s]["mae"].tolist(), size=7, alpha=0.7, color=Category10_10[j % 10],
+                        legend_label=NAMES.get(name, name))
+        fig.line(clients, evals[ours][s]["mae"].tolist(), color="red", line_width=3, legend_label=ours)
+        fig.scatter(clients, evals[ours][s]["mae"].tolist(), color="red", size=9)
+        fig.scatter(clients, alone.tolist(), marker="dash", size=16, line_width=3, color="black", legend_label="alone")
+        figs.append(house_style(fig, legend="right" if i == len(steps) - 1 else "none"))
+    return row(*figs)
+
+
+def alarms_figure(run: drift.StreamRun, changes: Sequence[int], *, title: str = "loss per batch and alarms",
+                  width: int = 760, height: int = 300):
+    """The mean loss per batch of ``run`` (:func:`drift.follow_stream`), a row of markers above it
+    per detector at the batches it fired on, and the true ``changes`` as red dashed lines."""
+    fig = figure(title=title, width=width, height=height, x_axis_label="batch", y_axis_label="mean log loss",
+                 tools="save,reset,box_zoom")
+    fig.line(run.log["batch"].tolist(), run.log["loss"].tolist(), line_width=2, color=Category10_10[0],
+             legend_label="loss")
+    top, spread = float(run.log["loss"].max()), float(run.log["loss"].max() - run.log["loss"].min())
+    for k, (name, batches) in enumerate(run.alarms.items()):
+        fig.scatter(batches, [top + spread * (0.1 + 0.1 * k)] * len(batches), size=12, marker="triangle",
+                    color=Category10_10[(k + 1) % 10], legend_label=f"{name} ({len(batches)})")
+    for c in changes:
+        fig.add_layout(Span(location=c, dimension="height", line_dash="dashed", line_color="red", line_width=2))
+    return house_style(fig)
 
 
 class FederatedPanel(Panel):
