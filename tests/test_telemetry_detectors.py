@@ -38,11 +38,9 @@ from adaptive_kit.telemetry.detectors import (
     SelfReferencedDetector,
     WeightDriftDetector,
     WeightProgressDetector,
-    _from_sample,
-    complete_macro,
-    pool_rows,
 )
 from adaptive_kit.telemetry.faults import Fault, FaultInjector
+from adaptive_kit.telemetry.observations import _from_sample, complete_macro, pool_rows
 from adaptive_kit.training import mlp
 
 

@@ -33,7 +33,7 @@ from adaptive_kit.telemetry import (
     TelemetryConfig,
     episodes,
 )
-from adaptive_kit.telemetry.detectors import Detector, pool_rows
+from adaptive_kit.telemetry.detectors import Detector
 from adaptive_kit.telemetry.episodes import (
     EpisodeResult,
     EpisodeSpec,
@@ -49,6 +49,7 @@ from adaptive_kit.telemetry.episodes import (
     train,
 )
 from adaptive_kit.telemetry.faults import FAULT_KINDS, LAYER_KINDS, QUIET_KINDS, Fault
+from adaptive_kit.telemetry.observations import pool_rows
 from adaptive_kit.telemetry.policies import ACTIONS, action_plan
 from adaptive_kit.training import mlp
 

@@ -9,8 +9,8 @@ import numpy as np
 
 from ..anomaly import Alarm
 from .collector import LEVELS, StepRecord, Telemetry
-from .detectors import DetectorSuite
 from .policies import Plan, Policy, State
+from .suite import DetectorSuite
 
 LOOK_LEVELS = frozenset(LEVELS[LEVELS.index("meso"):])  # levels that see each layer
 
@@ -72,7 +72,7 @@ def level_of(plan: dict, kind: str, layer: str) -> str:
 
 
 class Controller:
-    """Drives a live :class:`Telemetry` with a policy: pass it as ``on_record``.
+    """Drives a live :class:`Telemetry` with a policy: pass it as ``on_step``.
 
     ``Controller(tel, RulePolicy())`` installs itself: every step's record goes through the
     detectors, the policy sees the new :class:`State`, and its plan becomes the levels of the
@@ -89,7 +89,7 @@ class Controller:
         self.tracker = StateTracker(steps_total, tel.plan.keys())
         self.plans: list[Plan] = []
         policy.reset()
-        tel.on_record = self
+        tel.on_step = self
         before = dict(tel.plan)
         first = policy.act(self.tracker.state)
         if keep_levels:

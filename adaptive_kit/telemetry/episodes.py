@@ -22,9 +22,8 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cache
 
 import numpy as np
 import pandas as pd
@@ -33,86 +32,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..anomaly import Alarm
-from ..datasets import Split, digits
-from ..devices import seed_everything
+from ..devices import pick_device, seed_everything
 from ..stats import batched_stats
 from .collector import KINDS, LEVELS, Telemetry, TelemetryConfig, aggregate, materialise
 from .control import LOOK_LEVELS, Controller, StateTracker, grad_variance, level_of
-from .detectors import DetectorSuite, Observation, pool_rows
 from .faults import FAULT_KINDS, LAYER_KINDS, Fault, FaultInjector, layer_candidates
+from .observations import Observation, pool_rows
 from .policies import Policy, RewardWeights
-
-
-@cache
-def _digits() -> Split:
-    return digits(seed=0)
-
-
-def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-
-
-def _cnn() -> nn.Module:
-    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10))
-
-
-@dataclass(frozen=True)
-class Workload:
-    """A model and the data it trains on: what an episode runs.
-
-    ``build`` makes a fresh model (called after the episode's seed is set); ``data`` returns a
-    :class:`~adaptive_kit.datasets.Split` (x_train, y_train, x_test, y_test). Classification
-    (integer labels, ``n_classes`` >= 2) trains with cross-entropy and reports accuracy;
-    ``n_classes=0`` is regression (mean squared error, no accuracy; label faults are refused).
-    """
-
-    name: str
-    build: Callable[[], nn.Module]
-    data: Callable[[], Split] = _digits  # bundled digits by default
-    n_classes: int = 10  # 0: regression
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"Workload.name must be a non-empty string, got {self.name!r}")
-        if not callable(self.build) or not callable(self.data):
-            raise ValueError(f"Workload {self.name!r}: build and data must be callables")
-        n = self.n_classes
-        if isinstance(n, bool) or not isinstance(n, int) or n == 1 or n < 0:
-            raise ValueError(f"Workload.n_classes must be 0 (regression) or an int >= 2, got {self.n_classes!r}")
-
-    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.n_classes:
-            return nn.functional.cross_entropy(out, y)
-        return nn.functional.mse_loss(out.reshape(y.shape), y)
-
-
-WORKLOADS: dict[str, Workload] = {"mlp": Workload("mlp", _mlp), "cnn": Workload("cnn", _cnn)}
-MODELS: tuple[str, ...] = tuple(WORKLOADS)
-
-
-def build_model(name: str) -> nn.Module:
-    """The kit's episode models: ``mlp`` (64-64-32-10, ReLU) and ``cnn`` (two 3x3 convs on 8x8 digits).
-
-    Raises:
-        ValueError: unknown name.
-    """
-    if name not in WORKLOADS:
-        raise ValueError(f"build_model(name={name!r}): expected one of {MODELS}")
-    return WORKLOADS[name].build()
-
-
-def workload(model: str | Workload) -> Workload:
-    """The :class:`Workload` of a name in :data:`MODELS`, or the workload itself.
-
-    Raises:
-        ValueError: an unknown name or something else than a name or a Workload.
-    """
-    if isinstance(model, Workload):
-        return model
-    if isinstance(model, str) and model in WORKLOADS:
-        return WORKLOADS[model]
-    raise ValueError(f"EpisodeSpec.model={model!r}: expected one of {MODELS} or a Workload")
+from .suite import DetectorSuite
+from .workloads import MODELS, Workload, build_model, workload
 
 
 @dataclass(frozen=True)
@@ -232,13 +160,19 @@ class Run:
 
 
 def _train(spec: EpisodeSpec, tel_levels: str | dict | None, *, policy: Policy | None = None,
-           config: TelemetryConfig = TelemetryConfig(), on_record=None, on_start=None,
-           on_backward=None, progress: bool = False):
-    """The one training loop of live runs and recordings: seeded, fault injected, telemetry on."""
+           config: TelemetryConfig = TelemetryConfig(), on_step=None, on_start=None,
+           on_backward=None, progress: bool = False, device: torch.device | str | None = None):
+    """The one training loop of live runs and recordings: seeded, fault injected, telemetry on.
+
+    The model is built on the CPU after seeding (the same initial weights on every device), then
+    moved to ``device`` with the data; batch indices come from a CPU generator, so the batch
+    order is the same on every device too.
+    """
     w = spec.workload
+    device = pick_device() if device is None else torch.device(device)
     seed_everything(spec.seed)
-    data = w.data()
-    model = w.build()
+    data = w.data().to(device)
+    model = w.build().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)
     injector = FaultInjector(spec.fault, model, opt, n_classes=w.n_classes or None)
     tel = Telemetry(model, tel_levels or "off", config=config)
@@ -248,18 +182,18 @@ def _train(spec: EpisodeSpec, tel_levels: str | dict | None, *, policy: Policy |
 
     def handle(record):
         alarms = inner(record)
-        if on_record is not None:
-            on_record(record, alarms, suite.last_observations)
+        if on_step is not None:
+            on_step(record, alarms, suite.last_observations)
         return alarms
 
-    tel.on_record = handle
+    tel.on_step = handle
     if on_start is not None:
         on_start(tel)
     g = torch.Generator().manual_seed(spec.seed)
-    losses = torch.zeros(spec.steps)
+    losses = torch.zeros(spec.steps, device=device)  # (steps,) stays on the device until the end
     for step in tqdm(range(spec.steps), desc=spec.label, disable=not progress, leave=False):
         injector.before_step(step)
-        idx = torch.randint(0, len(data.x_train), (spec.batch_size,), generator=g)
+        idx = torch.randint(0, len(data.x_train), (spec.batch_size,), generator=g).to(device)
         x, y = injector.batch(step, data.x_train[idx], data.y_train[idx])
         with tel.step(step):
             loss = w.loss(model(x), y)
@@ -275,31 +209,49 @@ def _train(spec: EpisodeSpec, tel_levels: str | dict | None, *, policy: Policy |
     with torch.no_grad():
         out = model(data.x_test)
         acc = float((out.argmax(1) == data.y_test).float().mean()) if w.n_classes else math.nan
-    return Run(spec, tel, suite, controller, losses.numpy(), acc)
+    return Run(spec, tel, suite, controller, losses.cpu().numpy(), acc)
 
 
 def run(spec: EpisodeSpec, levels: str | dict = "meso", *, policy: Policy | None = None,
-        config: TelemetryConfig = TelemetryConfig(), on_record=None, progress: bool = False) -> Run:
+        config: TelemetryConfig = TelemetryConfig(), on_step=None, progress: bool = False,
+        device: torch.device | str | None = None, on_record=None) -> Run:
     """Train ``spec``'s model live with telemetry, detectors and, if given, a policy setting levels.
 
-    ``on_record(record, alarms, observations)`` is called for every step's :class:`StepRecord`
-    once it is on the host, with the detectors' alarms and :class:`Observation` s (a panel
-    streams its plots from here). Levels start at ``levels``; a ``policy``
-    then sets them every step through a :class:`Controller`.
+    Args:
+        spec: the workload, fault, steps and seed.
+        levels: where levels start; a ``policy`` then sets them every step through a
+            :class:`Controller`.
+        on_step: ``on_step(record, alarms, observations)`` for every step's :class:`StepRecord`
+            once it is on the host, with the detectors' alarms and :class:`Observation` s (a
+            panel streams its plots from here). ``on_record`` is its former name, still accepted.
+        device: where the model and data live (default :func:`adaptive_kit.pick_device`).
+
+    Returns:
+        The finished :class:`Run`.
     """
-    return _train(spec, levels, policy=policy, config=config, on_record=on_record, progress=progress)
+    return _train(spec, levels, policy=policy, config=config, on_step=_one_callback(on_step, on_record),
+                  progress=progress, device=device)
+
+
+def _one_callback(on_step, on_record):
+    if on_step is not None and on_record is not None:
+        raise ValueError("pass on_step or its former name on_record, not both")
+    return on_step if on_step is not None else on_record
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
     return model if name == "<root>" else model.get_submodule(name)
 
 
-def record(spec: EpisodeSpec) -> Trace:
-    """Train ``spec``'s model with its fault and keep every tensor the telemetry could see.
+def record(spec: EpisodeSpec, device: torch.device | str | None = None) -> Trace:
+    """Train ``spec``'s model with its fault on ``device`` (default
+    :func:`adaptive_kit.pick_device`) and keep every tensor the telemetry could see.
 
     The tensors are read beside the collector (which runs with every level off): gradients and
-    weights after the backward pass, each watched module's output in the forward pass.
+    weights after the backward pass, each watched module's output in the forward pass. They are
+    copied on the device during the run and moved to the host once, when it ends.
     """
+    tel_device = pick_device() if device is None else torch.device(device)
     values: list[dict[tuple[str, str], torch.Tensor]] = []
     acts: dict[str, torch.Tensor] = {}
     hooks = []
@@ -316,17 +268,18 @@ def record(spec: EpisodeSpec) -> Trace:
         for layer in tel.param_layers:
             params = list(_module(tel.model, layer).parameters(recurse=False))
             now[("grad", layer)] = torch.cat([p.grad.detach().reshape(-1).float() if p.grad is not None
-                                              else torch.zeros(p.numel()) for p in params])
+                                              else torch.zeros(p.numel(), device=p.device) for p in params])
             now[("weight", layer)] = torch.cat([p.detach().reshape(-1).float() for p in params])
         for layer in tel.layers["act"]:
-            now[("act", layer)] = acts.pop(layer, torch.zeros(0))
+            now[("act", layer)] = acts.pop(layer, torch.zeros(0, device=tel_device))
         values.append(now)
 
     try:
-        r = _train(spec, None, on_start=start, on_backward=keep)
+        r = _train(spec, None, on_start=start, on_backward=keep, device=tel_device)
     finally:
         for h in hooks:
             h.remove()
+    values = [{k: v.cpu() for k, v in now.items()} for now in values]
     tel = r.tel
     trace = Trace(spec, list(tel.param_layers), list(tel.layers["act"]), list(tel.relu_layers),
                   values, r.losses, r.test_accuracy)
@@ -443,9 +396,11 @@ def fault_suite(models: Sequence[str | Workload] = MODELS, kinds: Sequence[str] 
     return specs
 
 
-def record_all(specs: list[EpisodeSpec], progress: bool = True) -> list[Trace]:
-    """Record every spec, with a progress bar."""
-    return [record(s) for s in tqdm(specs, desc="record episodes", disable=not progress, leave=False)]
+def record_all(specs: list[EpisodeSpec], progress: bool = True,
+               device: torch.device | str | None = None) -> list[Trace]:
+    """Record every spec on ``device`` (default :func:`adaptive_kit.pick_device`), with a progress bar."""
+    device = pick_device() if device is None else device
+    return [record(s, device) for s in tqdm(specs, desc="record episodes", disable=not progress, leave=False)]
 
 
 def train(policy: Policy, traces: list[Trace], episodes: int, *, config: TelemetryConfig = TelemetryConfig(),
@@ -503,6 +458,6 @@ def results_frame(results: list[EpisodeResult]) -> pd.DataFrame:
     } for r in results])
 
 
-__all__ = ["MODELS", "EpisodeResult", "EpisodeSpec", "Run", "Trace", "run", "build_model", "evaluate", "fault_suite",
-           "record", "record_all", "replay", "results_frame", "summarize", "train"]
+__all__ = ["MODELS", "EpisodeResult", "EpisodeSpec", "Run", "Trace", "Workload", "build_model", "evaluate",
+           "fault_suite", "record", "record_all", "replay", "results_frame", "run", "summarize", "train", "workload"]
 
