@@ -20,7 +20,13 @@ window.akProbe = (() => {
   };
 
   // The cell (index) whose node holds el, or -1.
-  const cellOf = (el) => cells().findIndex((c) => c.node.contains(el));
+  const cellOf = (el) => {
+    try {
+      return cells().findIndex((c) => c.node.contains(el));
+    } catch (e) {
+      return -1;  // a page that is not a notebook (a standalone bokeh page)
+    }
+  };
 
   // Pixels unlike the canvas's most common colour (its background), and distinct colours.
   const ink = (canvas) => {

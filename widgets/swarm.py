@@ -393,11 +393,11 @@ class SwarmPanel(Panel):
                                       rollover=self.max_points)
         latest = self.alarm_rows[::-1][:self.max_alarms]
         cells = "".join(f"<tr><td>{a['round']}</td><td>{a['member']}</td><td>{html.escape(str(a['detector']))}</td>"
-                        f"<td>{html.escape(str(a['scope']))}</td><td>{html.escape(str(a['evidence']))}</td></tr>"
-                        for a in latest)
+                        f"<td>{html.escape(str(a['scope']))}</td><td style='text-align:left'>"
+                        f"{html.escape(str(a['evidence']))}</td></tr>" for a in latest)
         self.alarms_html.value = (
             f"<b>alarms</b>: {len(self.alarm_rows)} this run (latest first)"
-            "<table style='font-size:90%;table-layout:fixed;width:100%;word-break:break-word'><tr><th>round</th><th>member</th><th>detector</th><th>scope</th>"
+            "<table style='font-size:90%;max-width:1100px'><tr><th>round</th><th>member</th><th>detector</th><th>scope</th>"
             f"<th>evidence</th></tr>{cells}</table>")
 
     def _update_range(self) -> None:

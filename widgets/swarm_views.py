@@ -89,7 +89,7 @@ class Trajectories:
                             "dash": [layer_dash(la) for _, la in keys]}
         self.points.data = self._points(rows, stat)
         who = ", ".join(map(str, selected)) or "none: tap a node"
-        set_title(self.figure, f"weight {stat} per layer of members {who}")
+        set_title(self.figure, f"weight {stat} per layer of member{'s' if len(selected) > 1 else ''} {who}")
         self.figure.yaxis.axis_label = f"weight {stat}"
 
     def stream(self, rows: pd.DataFrame, stat: str, rollover: int) -> None:
@@ -129,7 +129,7 @@ class Resources:
                           tools="pan,wheel_zoom,box_zoom,reset,save")
         dots = self.fig.scatter("compute", "val_acc", size="psize", fill_color="color", line_color="line_color",
                                 line_width="line_width", source=self.source, fill_alpha=0.8)
-        self.fig.x_range.range_padding = self.fig.y_range.range_padding = 0.15  # big dots stay inside
+        self.fig.x_range.range_padding = self.fig.y_range.range_padding = 0.3  # big dots stay inside
         self.fig.add_tools(HoverTool(renderers=[dots], tooltips=[
             ("member", "@member (@arch)"), ("parameters", "@n_params"), ("compute", "@compute{0.00} s"),
             ("val acc", "@val_acc{0.000}"), ("val acc per compute-s", "@per_s{0.000}")]))
@@ -141,6 +141,7 @@ class Resources:
         self.steps_fig.scatter("member", "steps_last", source=self.source, marker="dash", size=14 if n <= 32 else 6,
                                line_width=2, color="#000000", legend_label="granted last round")
         self.steps_fig.y_range.start = 0
+        self.steps_fig.y_range.range_padding = 0.25  # the last-round dashes stay clear of the top
         self.steps_fig.add_tools(HoverTool(renderers=[bars], tooltips=[
             ("member", "@member"), ("next", "@steps_next"), ("last", "@steps_last"), ("fitness", "@fitness{0.000}")]))
         house_style(self.steps_fig, legend="below")
@@ -168,4 +169,4 @@ class Resources:
         self.source.patch({k: [(slice(0, self.n), vals)] for k, vals in cols.items()})
 
     def title_steps(self, rule: str, cpu: float, rss_mib: float) -> None:
-        set_title(self.steps_fig, f"steps allotted next round ({rule}) · process CPU {cpu:.0f} %, RSS {rss_mib:.0f} MiB")
+        set_title(self.steps_fig, f"steps next round ({rule}) · CPU {cpu:.0f}%, RSS {rss_mib:.0f} MiB")

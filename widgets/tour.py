@@ -11,6 +11,7 @@ from adaptive_kit.datasets import Split
 from adaptive_kit.training import TrainConfig, TrainResult, train_classifier
 
 from .common import LivePlot, Panel, panel_layout
+from .plots import set_title
 
 
 class TourPanel(Panel):
@@ -27,15 +28,17 @@ class TourPanel(Panel):
         self.make_model = make_model
         self.seed = seed
         self.device = ak.pick_device(device)
+        wide = {"description_width": "initial"}  # the whole description, never "learning r…"
         self.lr = w.FloatLogSlider(value=0.1, base=10, min=-3, max=0, step=0.1,
-                                   description="learning rate", continuous_update=False)
-        self.batch_size = w.Dropdown(options=[16, 32, 64, 128, 256], value=64, description="batch size")
+                                   description="learning rate", continuous_update=False, style=wide)
+        self.batch_size = w.Dropdown(options=[16, 32, 64, 128, 256], value=64, description="batch size", style=wide,
+                                     layout=w.Layout(width="170px"))
         self.steps = w.IntSlider(value=steps, min=10, max=max(2000, steps), step=10,
-                                 description="steps", continuous_update=False)
+                                 description="steps", continuous_update=False, style=wide)
         self.train = w.Button(description="Train", button_style="primary", icon="play")
         self.status = w.HTML("")
         self.out = w.Output()
-        self.plot = LivePlot(["loss"], title="training loss", y_label="cross-entropy", y_log=True)
+        self.plot = LivePlot(["loss"], title="training loss", y_label="cross-entropy (log)", y_log=True)
         self.model: nn.Module | None = None
         self.result: TrainResult | None = None
         self.runs = 0
@@ -52,7 +55,10 @@ class TourPanel(Panel):
         self.model = self.make_model().to(self.device)
         self.plot.clear()
         self.train.disabled = True
-        self.status.value = "training..."
+        run = self.runs + 1
+        what = f"run {run}: lr={config.lr:.3g}, batch {config.batch_size}, {config.steps} steps"
+        set_title(self.plot.figure, f"training loss, {what}")
+        self.status.value = f"training {what}…"
         try:
             self.result = train_classifier(
                 self.model, self.data, config,
@@ -62,7 +68,9 @@ class TourPanel(Panel):
             self.plot.flush()
             self.train.disabled = False
         self.runs += 1
-        self.status.value = f"test accuracy <b>{self.result.test_accuracy:.1%}</b>"
+        # the text under the plot describes the run the plot shows, never an earlier one
+        self.status.value = f"{what}: test accuracy <b>{self.result.test_accuracy:.1%}</b>"
+        self.out.clear_output()
         with self.out:
             print(f"run {self.runs}: lr={config.lr:.3g} batch={config.batch_size} "
                   f"steps={config.steps} final loss={self.result.losses[-1]:.3f} "
