@@ -104,16 +104,41 @@ def lines(x: Sequence[float], series: dict[str, Sequence[float]], *, title: str 
     return house_style(fig)
 
 
+def shared_labels(x: Sequence[float], y: Sequence[float], labels: Sequence[str], *, x_log: bool = False,
+                  near: float = 0.04) -> list[str]:
+    """Per point, the text to write beside it: points closer than ``near`` (a share of each axis's
+    span) to an earlier labelled point write nothing, and that point writes all their names."""
+    import math
+
+    fx = [math.log10(v) if x_log and v > 0 else float(v) for v in x]
+    fy = [float(v) for v in y]
+    span_x = (max(fx) - min(fx)) or 1.0
+    span_y = (max(fy) - min(fy)) or 1.0
+    text = [""] * len(fx)
+    heads: list[int] = []
+    for i in range(len(fx)):
+        head = next((h for h in heads if abs(fx[h] - fx[i]) / span_x < near and abs(fy[h] - fy[i]) / span_y < near),
+                    None)
+        if head is None:
+            heads.append(i)
+            text[i] = str(labels[i])
+        else:
+            text[head] += f", {labels[i]}"
+    return text
+
+
 def labelled_scatter(x: Sequence[float], y: Sequence[float], labels: Sequence[str], *, title: str = "",
                      x_label: str = "", y_label: str = "", x_log: bool = False,
                      width: int = 560, height: int = 320):
-    """Points with a text label each (e.g. policies placed by bytes and recall)."""
-    src = ColumnDataSource({"x": list(x), "y": list(y), "label": list(labels),
+    """Points with a text label each (e.g. policies placed by bytes and recall). Points that would
+    sit on one another share one label ("rule, q-learning"), so that no label is written over another."""
+    text = shared_labels(x, y, labels, x_log=x_log)
+    src = ColumnDataSource({"x": list(x), "y": list(y), "label": list(labels), "text": text,
                             "color": [Category10_10[i % 10] for i in range(len(labels))]})
     fig = figure(title=title, width=width, height=height, x_axis_label=x_label, y_axis_label=y_label,
                  x_axis_type="log" if x_log else "linear", tools="save")
     fig.scatter("x", "y", size=12, color="color", source=src)
-    fig.add_layout(LabelSet(x="x", y="y", text="label", source=src, x_offset=6, y_offset=4,
+    fig.add_layout(LabelSet(x="x", y="y", text="text", source=src, x_offset=6, y_offset=4,
                             text_font_size="9pt"))
     fig.x_range.range_padding = 0.35  # room right of the last point for its label
     fig.y_range.range_padding = 0.15

@@ -160,7 +160,7 @@ class TelemetryPanel(Panel):
         self.run_button = w.Button(description="Run", button_style="primary", icon="play")
         self.level_map = LevelMap([f"{k} {n}" for k in KINDS for n in self.layers[k]])
         self.plots = {k: LivePlot([*self.layers[k], "*"], title=f"{k}: per-layer {self.stat.value} (dots: steps seen)",
-                                  y_label=self.stat.value, labels={"*": "all (pooled)"}, width=600, height=240)
+                                  y_label=self.stat.value, labels={"*": "all (pooled)", **{n: f"layer {n}" for n in self.layers[k]}}, width=600, height=240)
                       for k in KINDS}
         for p in self.plots.values():  # a layer seen every few steps is a dot, not a line
             for i, name in enumerate(p.series):
