@@ -9,6 +9,9 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from .checks import check_int, check_number
+from .stats import EMA
+
 
 @dataclass(frozen=True)
 class Alarm:
@@ -39,11 +42,8 @@ class SeriesConfig:
 
     def __post_init__(self) -> None:
         for name in ("warmup", "spike_patience", "diverge_patience", "plateau_window"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"SeriesConfig.{name} must be an int >= 1, got {v!r}")
-        if not 0 < self.beta < 1:
-            raise ValueError(f"SeriesConfig.beta must be in (0, 1), got {self.beta!r}")
+            check_int(f"SeriesConfig.{name}", getattr(self, name), 1)
+        check_number("SeriesConfig.beta", self.beta, 0.0, 1.0, open_low=True, open_high=True)
         for name in ("spike_sigmas", "spike_ratio", "diverge_ratio", "plateau_stall", "plateau_min_progress",
                      "plateau_floor"):
             if not getattr(self, name) > 0:
@@ -73,9 +73,7 @@ class SeriesMonitor:
     def __init__(self, name: str = "loss", config: SeriesConfig = SeriesConfig()) -> None:
         self.name = name
         self.config = config
-        self.n = 0  # finite values seen
-        self.ema = 0.0
-        self.ema_var = 0.0
+        self._ema = EMA(config.beta)  # of the values judged normal
         self.best_ema = math.inf
         self._above = 0
         self._emas: deque[float] = deque(maxlen=2 * config.plateau_window + 1)
@@ -109,15 +107,21 @@ class SeriesMonitor:
             alarms.extend(self._plateau(step, value))
         return alarms
 
+    @property
+    def n(self) -> int:
+        """Finite values folded into the baseline."""
+        return self._ema.n
+
+    @property
+    def ema(self) -> float:
+        return self._ema.mean
+
+    @property
+    def ema_var(self) -> float:
+        return self._ema.var
+
     def _fold(self, value: float) -> None:
-        b = self.config.beta
-        if self.n == 0:
-            self.ema, self.ema_var = value, 0.0
-        else:
-            d = value - self.ema
-            self.ema += (1 - b) * d
-            self.ema_var = b * (self.ema_var + (1 - b) * d * d)
-        self.n += 1
+        self._ema.update(value)
 
     def _plateau(self, step: int, value: float) -> list[Alarm]:
         c, w = self.config, self.config.plateau_window

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .checks import check_number
+
 STATSMODELS_SETS = ("fair", "randhie", "anes96", "spector", "scotland", "stackloss", "longley")
 
 
@@ -37,8 +39,7 @@ class Split:
 
 
 def _check_fraction(test_fraction: float) -> None:
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    check_number("test_fraction", test_fraction, 0.0, 1.0, open_low=True, open_high=True)
 
 
 def train_test_split(x: torch.Tensor, y: torch.Tensor, test_fraction: float = 0.25, seed: int = 0) -> Split:

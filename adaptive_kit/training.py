@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_int, check_number
 from .datasets import Split
 
 
@@ -38,14 +39,10 @@ class TrainConfig:
     seed: int = 0  # seeds the batch order
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"TrainConfig.momentum must be in [0, 1), got {self.momentum!r}")
+        check_number("TrainConfig.lr", self.lr, 0.0, open_low=True)
+        check_number("TrainConfig.momentum", self.momentum, 0.0, 1.0, open_high=True)
         for name in ("batch_size", "steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
+            check_int(f"TrainConfig.{name}", getattr(self, name), 1)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Level policies, the live Controller and recorded episodes: rules and plans by hand, the seed's
+"""Level policies, the live Controller and recorded episodes: rules and plans by hand, the specification's
 Q-learning update by formula, a synthetic bandit for LinUCB, and replays of short recorded runs
 (the kit's models and a user's own Workload)."""
 from __future__ import annotations
@@ -231,7 +231,7 @@ def test_q_learning_update_is_the_seed_formula():
     q.learn(s, plan, 1.5, s2)
     assert q.q[s.discrete()][0] == pytest.approx((1 - 0.1) * 2.0 + 0.1 * (1.5 + 0.9 * 0.5))
     np.testing.assert_array_equal(q.q[s.discrete()][1:], before[1:])
-    # an unseen next state starts at zeros, as in the seed
+    # an unseen next state starts at zeros, as in the specification
     s3 = State(20, 100, pending=frozenset({("act", "1")}))
     q.learn(s, plan, -1.0, s3)
     assert q.q[s3.discrete()].tolist() == [0.0] * len(ACTIONS)

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..checks import check_int
 from ..records import MemorySink, Sink
 from .reduce import (
     ACTIVATION_TYPES,
@@ -74,9 +75,7 @@ class TelemetryConfig:
 
     def __post_init__(self) -> None:
         for name in ("window", "raw_cap", "every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TelemetryConfig.{name} must be an int >= 1, got {v!r}")
+            check_int(f"TelemetryConfig.{name}", getattr(self, name), 1)
 
 
 class Telemetry:

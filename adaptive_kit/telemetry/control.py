@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from ..anomaly import Alarm
+from ..stats import EMA
 from .collector import LEVELS, StepRecord, Telemetry
 from .policies import Plan, Policy, State
 from .suite import DetectorSuite
@@ -25,9 +26,8 @@ class StateTracker:
         self._recent: list[Alarm] = []
         self._last_alarm = -(10**9)
         self._last_look: dict[tuple[str, str], int] = {}
-        self._cx_ema: float | None = None
-        self._loss_ema: float | None = None
-        self._loss_var = 0.0
+        self._cx = EMA(beta)  # of log10 gradient variance
+        self._loss = EMA(beta)
         self.state = State(0, steps_total, keys=self.keys)
 
     def update(self, step: int, alarms: list[Alarm], grad_var: float | None, loss: float | None,
@@ -42,17 +42,12 @@ class StateTracker:
         complexity = 0.0
         if grad_var is not None and grad_var > 0 and math.isfinite(grad_var):
             lv = math.log10(grad_var)
-            self._cx_ema = lv if self._cx_ema is None else self.beta * self._cx_ema + (1 - self.beta) * lv
-            complexity = lv - self._cx_ema
+            complexity = lv - self._cx.update(lv)
         loss_z = 0.0
         if loss is not None and math.isfinite(loss):
-            if self._loss_ema is None:
-                self._loss_ema = loss
-            else:
-                d = loss - self._loss_ema
-                loss_z = d / math.sqrt(self._loss_var) if self._loss_var > 0 else 0.0
-                self._loss_ema += (1 - self.beta) * d
-                self._loss_var = self.beta * (self._loss_var + (1 - self.beta) * d * d)
+            if self._loss.n and self._loss.var > 0:  # against the history before this loss
+                loss_z = (loss - self._loss.mean) / math.sqrt(self._loss.var)
+            self._loss.update(loss)
         elif loss is not None:
             loss_z = 5.0
         since = {k: step + 1 - t for k, t in self._last_look.items()}

@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterable
 
 from ..anomaly import Alarm, SeriesConfig, SeriesMonitor
+from ..stats import EMA
 from .observations import Observation
 
 
@@ -79,7 +80,7 @@ class GradientRatioDetector(Detector):
         self.explode_ratio, self.vanish_ratio = explode_ratio, vanish_ratio
         self.global_factor, self.global_vanish_factor = global_factor, global_vanish_factor
         self.warmup, self.beta = warmup, beta
-        self._ema, self._n = 0.0, 0
+        self._global = EMA(beta)  # of the global gradient norm
 
     def update(self, step, obs, loss):
         grads = {o.layer: o for o in obs if o.kind == "grad"}
@@ -96,15 +97,14 @@ class GradientRatioDetector(Detector):
                                         f"(thresholds {self.explode_ratio:g}, {self.vanish_ratio:g})", ratio))
         glob = grads.get("*")
         if glob is not None and math.isfinite(glob.norm):
-            if self._n >= self.warmup and self._ema > 0:
-                r = glob.norm / self._ema
+            if self._global.n >= self.warmup and self._global.mean > 0:
+                r = glob.norm / self._global.mean
                 for det, cond in (("exploding_grad", r > self.global_factor),
                                   ("vanishing_grad", r < 1 / self.global_vanish_factor)):
                     if self._edge((det, "*"), cond):
                         alarms.append(Alarm(step, det, "grad", "*", "macro",
-                                            f"global |g| {glob.norm:.3g} = {r:.3g}x its EMA {self._ema:.3g}", r))
-            self._ema = glob.norm if self._n == 0 else self.beta * self._ema + (1 - self.beta) * glob.norm
-            self._n += 1
+                                            f"global |g| {glob.norm:.3g} = {r:.3g}x its EMA {self._global.mean:.3g}", r))
+            self._global.update(glob.norm)
         return alarms
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..anomaly import Alarm
+from ..checks import check_int
 from ..devices import pick_device, seed_everything
 from ..stats import batched_stats
 from .collector import KINDS, LEVELS, Telemetry, TelemetryConfig, aggregate, materialise
@@ -55,9 +56,7 @@ class EpisodeSpec:
     def __post_init__(self) -> None:
         w = workload(self.model)
         for name in ("steps", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"EpisodeSpec.{name} must be an int >= 1, got {v!r}")
+            check_int(f"EpisodeSpec.{name}", getattr(self, name), 1)
         if self.fault is not None and self.fault.step >= self.steps:
             raise ValueError(f"EpisodeSpec.fault.step={self.fault.step} is not before steps={self.steps}")
         if self.fault is not None and self.fault.kind in ("label_noise", "label_permute") and not w.n_classes:

@@ -105,6 +105,8 @@ from numbers import Real
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_int
+
 FAULT_KINDS: tuple[str, ...] = (
     "nan_batch", "inf_grad", "lr_spike", "exploding_init", "vanishing",
     "dead_relu", "label_noise", "input_scale", "input_noise", "plateau",
@@ -164,10 +166,6 @@ _VALID: dict[str, tuple[str, Callable[[float], bool]]] = {
 }
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 @dataclass(frozen=True)
 class Fault:
     """One fault: what breaks, from which step, in which layer, how hard.
@@ -187,12 +185,10 @@ class Fault:
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"Fault.kind must be one of {FAULT_KINDS}, got {self.kind!r}")
-        if not _is_int(self.step) or self.step < 0:
-            raise ValueError(f"Fault.step must be an int >= 0, got {self.step!r}")
+        check_int("Fault.step", self.step, 0)
         if self.layer is not None and (not isinstance(self.layer, str) or not self.layer):
             raise ValueError(f"Fault.layer must be a non-empty module name or None, got {self.layer!r}")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**31:
-            raise ValueError(f"Fault.seed must be an int in [0, 2**31), got {self.seed!r}")
+        check_int("Fault.seed", self.seed, 0, 2**31 - 1)
         m = self.magnitude
         if m is not None:
             rule, ok = _VALID[self.kind]
@@ -274,9 +270,8 @@ class FaultInjector:
         if fault.kind in LR_KINDS and optimizer is None:
             raise ValueError(f"FaultInjector.optimizer is None: fault kind {fault.kind!r} changes "
                              "the learning rate and needs the optimiser")
-        if fault.kind in LABEL_KINDS and (not _is_int(n_classes) or n_classes < 2):
-            raise ValueError("FaultInjector.n_classes must be an int >= 2 for fault kind "
-                             f"{fault.kind!r}, got {n_classes!r}")
+        if fault.kind in LABEL_KINDS:
+            check_int(f"FaultInjector.n_classes for fault kind {fault.kind!r}", n_classes, 2)
         if fault.kind in LAYER_KINDS:
             self._layer = self._resolve_layer(fault)
 

@@ -11,7 +11,7 @@ fine-grained *looks* before any alarm:
   than many narrow ones); a layer whose look was bad is looked at again at once (the detectors
   confirm on two looks); alarmed layers (all layers of a kind when an alarm cannot localise)
   go to ``escalate`` for ``quiet`` steps.
-- :class:`QLearningPolicy`: the seed's tabular Q-learning, epsilon-greedy over a discretised
+- :class:`QLearningPolicy`: the specification's tabular Q-learning, epsilon-greedy over a discretised
   state, choosing one of :data:`ACTIONS` per step.
 - :class:`LinUCBPolicy`: a contextual bandit (LinUCB, Li et al., WWW 2010) over continuous
   features, choosing one of :data:`ACTIONS` per step.
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..anomaly import Alarm
+from ..checks import check_int, check_number
 from .collector import KINDS, LEVELS
 
 Plan = dict  # {"kinds": {kind: level}, "layers": {(kind, layer): level}}
@@ -93,7 +94,7 @@ class State:
         return max(self.since_look.get(k, self.step + 1) for k in self.keys)
 
     def discrete(self) -> tuple[int, int, int, int]:
-        """(phase, anomaly, evidence, stale), each a small integer: the seed's phase and
+        """(phase, anomaly, evidence, stale), each a small integer: the specification's phase and
         anomaly, with the job's own evidence (an unconfirmed bad look) and how long layers have
         gone unseen in place of host utilisation and data complexity."""
         frac = self.step / max(self.steps_total, 1)
@@ -178,9 +179,7 @@ def action_plan(action: str, state: State, base: dict[str, str], look: str = "me
 
 
 def _check_look_every(v: int, owner: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{owner}.look_every must be an int >= 0, got {v!r}")
-    return v
+    return check_int(f"{owner}.look_every", v, 0)
 
 
 class RulePolicy(Policy):
@@ -196,8 +195,7 @@ class RulePolicy(Policy):
 
     def __init__(self, base: str | dict[str, str] = "macro", escalate: str = "meso", quiet: int = 10,
                  look_every: int = 4, look: str = "meso") -> None:
-        if isinstance(quiet, bool) or not isinstance(quiet, int) or quiet < 1:
-            raise ValueError(f"RulePolicy.quiet must be an int >= 1, got {quiet!r}")
+        check_int("RulePolicy.quiet", quiet, 1)
         _check_look_every(look_every, "RulePolicy")
         self.base = StaticPolicy(base).levels
         self.escalate = _check_level(escalate, "RulePolicy.escalate")
@@ -241,7 +239,7 @@ class _Scheduled(Policy):
 
 
 class QLearningPolicy(_Scheduled):
-    """The seed's tabular Q-learning agent (epsilon-greedy, learning rate 0.1, discount 0.9).
+    """The specification's tabular Q-learning agent (epsilon-greedy, learning rate 0.1, discount 0.9).
 
     State: :meth:`State.discrete`. Action: one of :data:`ACTIONS` over the coarse ``base`` plan
     (``follow`` acts per layer). The discount lets it learn that a look pays off later, when
@@ -254,8 +252,7 @@ class QLearningPolicy(_Scheduled):
     def __init__(self, epsilon: float = 0.1, learning_rate: float = 0.1, discount: float = 0.9,
                  seed: int = 0, base: str | dict[str, str] = "macro", look_every: int = 4) -> None:
         for name, v in (("epsilon", epsilon), ("learning_rate", learning_rate), ("discount", discount)):
-            if not 0 <= v <= 1:
-                raise ValueError(f"QLearningPolicy.{name} must be in [0, 1], got {v!r}")
+            check_number(f"QLearningPolicy.{name}", v, 0.0, 1.0)
         self.epsilon, self.learning_rate, self.discount = epsilon, learning_rate, discount
         self.base = StaticPolicy(base).levels
         self.look_every = _check_look_every(look_every, "QLearningPolicy")
