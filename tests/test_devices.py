@@ -102,3 +102,24 @@ def test_fast_mode_bad_value_raises(monkeypatch, value):
     assert repr(value) in str(info.value)
     with pytest.raises(ValueError, match="ADAPTIVE_KIT_FAST"):
         budget(1, 2)
+
+
+def test_devices_fixture_names_a_working_device(devices):
+    """Runs once per device here (tests/conftest.py): "cpu", and "cuda" when a GPU is present."""
+    dev = pick_device(devices)
+    x = torch.arange(6.0, device=dev).view(2, 3)
+    assert x.device.type == devices
+    torch.testing.assert_close((x @ x.T).cpu(), torch.tensor([[5.0, 14.0], [14.0, 50.0]]))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason=f"nccl needs >= 2 GPUs; {torch.cuda.device_count()} visible here")
+def test_nccl_all_reduce_across_gpus():
+    import dist_workers
+
+    from adaptive_kit.distributed import launch
+
+    n = torch.cuda.device_count()
+    results = launch(dist_workers.allreduce_worker, n, (1.0,), backend="nccl", timeout_s=120)
+    assert sorted(r["rank"] for r in results) == list(range(n))
+    assert all(r["sum"] == n * (n + 1) / 2 for r in results)
