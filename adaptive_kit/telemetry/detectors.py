@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterable
 
 from ..anomaly import Alarm, SeriesConfig, SeriesMonitor
+from ..checks import check_int
 from ..stats import EMA
 from .observations import Observation
 
@@ -161,8 +162,8 @@ class SelfReferencedDetector(Detector):
     def __init__(self, sigmas: float, min_change: float | tuple[float, float], warmup: int = 5,
                  confirm: int = 2, beta: float = 0.8, floor: float = 0.02, trend: bool = True) -> None:
         super().__init__()
-        if confirm < 1 or warmup < 1:
-            raise ValueError(f"{type(self).__name__}(warmup={warmup!r}, confirm={confirm!r}): need >= 1")
+        check_int(f"{type(self).__name__}.warmup", warmup, 1)
+        check_int(f"{type(self).__name__}.confirm", confirm, 1)
         # (below, above) the baseline: a fall and a rise may need different sizes
         self.min_change = min_change if isinstance(min_change, tuple) else (min_change, min_change)
         self.sigmas, self.warmup, self.confirm = sigmas, warmup, confirm

@@ -300,8 +300,8 @@ class LinUCBPolicy(_Scheduled):
 
     def __init__(self, alpha: float = 1.0, ridge: float = 1.0, base: str | dict[str, str] = "macro",
                  look_every: int = 4) -> None:
-        if not alpha >= 0 or not ridge > 0:
-            raise ValueError(f"LinUCBPolicy(alpha={alpha!r}, ridge={ridge!r}): need alpha >= 0, ridge > 0")
+        check_number("LinUCBPolicy.alpha", alpha, 0.0)
+        check_number("LinUCBPolicy.ridge", ridge, 0.0, open_low=True)
         self.alpha = alpha
         self.base = StaticPolicy(base).levels
         self.look_every = _check_look_every(look_every, "LinUCBPolicy")
