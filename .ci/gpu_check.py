@@ -49,7 +49,8 @@ PLANS: dict[str, dict] = {
     "cuda": {
         "tests": ["tests/test_devices.py", "tests/test_stats.py",  # a string: a file; a tuple: files in one pytest "tests/test_telemetry_collector.py",
                   "tests/test_speculative.py", "tests/test_swarm_engine.py", "tests/test_swarm_groups.py",
-                  "tests/test_partition_profile.py", "tests/test_federated_meta.py", "tests/test_distributed.py"],
+                  "tests/test_partition_profile.py", "tests/test_federated_meta.py", "tests/test_distributed.py",
+                  "tests/test_swarm_dist.py"],
         "tests_s": 200,
         # (script, extra arguments, seconds); the telemetry overhead models at a batch of 256 once
         # the script takes --batch (it does not yet: the check says so)

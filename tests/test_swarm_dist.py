@@ -1,6 +1,8 @@
-"""A swarm on two gloo ranks (spawned processes) against the same swarm in one process."""
+"""A swarm on two gloo ranks (spawned processes) against the same swarm in one process; members
+spread across GPUs (one rank per GPU) when there are several."""
 import numpy as np
 import pytest
+import torch
 
 from adaptive_kit.datasets import digits
 from adaptive_kit.swarm import OptimiserConfig, Swarm, SwarmConfig, train_distributed
@@ -69,3 +71,24 @@ def test_more_ranks_than_members_raises(data):
         train_distributed(data, SwarmConfig(members=2), rounds=1, world_size=0)
     with pytest.raises(ValueError, match="device='tpu'"):
         train_distributed(data, SwarmConfig(members=2), rounds=1, world_size=1, device="tpu")
+
+
+GPUS = torch.cuda.device_count()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(GPUS < 2, reason=f"members across GPUs need >= 2 GPUs; {GPUS} visible here")
+def test_members_spread_across_gpus_report_to_one_collector(data):
+    world = min(GPUS, 4)
+    cfg = SwarmConfig(members=2 * world, steps_per_round=5, seed=1, eval_rows=256,
+                      optimiser=OptimiserConfig(exploit_every=1, warmup_rounds=1))
+    swarm, collector = train_distributed(data, cfg, rounds=3, world_size=world, device="auto", timeout_s=200)
+    try:
+        h = swarm.history()
+        assert set(h["device"]) == {f"cuda:{i}" for i in range(world)}
+        assert {m: h[h["member"] == m]["device"].iloc[0] for m in range(cfg.members)} == {
+            m: f"cuda:{m % world}" for m in range(cfg.members)}  # members dealt round-robin to GPUs
+        rep = collector.report(swarm.sent)
+        assert (rep["lost"] == 0).all() and len(collector.frame("swarm")) == 3 * cfg.members
+    finally:
+        collector.close()
