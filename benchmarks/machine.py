@@ -1,9 +1,13 @@
-"""What every benchmark shares: its command line (--quick, --json, --threads) and the machine."""
+"""What every benchmark shares: its command line (--quick, --json, --threads), the machine, a clock
+per section and the epilogue that prints the clock and writes the JSON."""
 import argparse
 import json
 import math
 import os
 import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -77,3 +81,38 @@ def show(title: str, frame, digits: int = 3, note: str = "") -> None:
         print(frame.round(digits).to_string(index=False))
     if note:
         print(note)
+
+
+class Clock:
+    """Wall-clock seconds per named section of one benchmark run, from its creation on.
+
+    ``with clock.section("part A"): ...`` adds the block's seconds to that section (a section
+    entered twice adds up); :attr:`total` is the seconds since the clock was made.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.sections: dict[str, float] = {}
+
+    @contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sections[name] = self.sections.get(name, 0.0) + time.perf_counter() - t0
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def epilogue(args: argparse.Namespace, out: dict, clock: Clock) -> dict:
+    """End a benchmark: print ``total N s (section N s, ...); load average at end=L``, add
+    ``runtime_s`` and ``sections_s`` to ``out``, write ``out`` to ``--json`` when given, return it."""
+    total = clock.total
+    parts = ", ".join(f"{name} {s:.0f} s" for name, s in clock.sections.items())
+    print(f"\ntotal {total:.0f} s{f' ({parts})' if parts else ''}; load average at end={os.getloadavg()[0]:.2f}")
+    out = {**out, "runtime_s": round(total, 1), "sections_s": {k: round(v, 1) for k, v in clock.sections.items()}}
+    write_json(getattr(args, "json", None), out)
+    return out

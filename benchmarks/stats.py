@@ -29,7 +29,6 @@ Run from the repository root::
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
@@ -39,7 +38,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from machine import describe, parse_args
+from machine import Clock, describe, epilogue, parse_args
 from torch import nn
 
 from adaptive_kit import pick_device, seed_everything
@@ -251,19 +250,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     info = describe(device)
     print(f"device={device} cpu={info['cpu']!r} cores={info['cpu_count']} "
           f"threads={info['torch_threads']} torch={info['torch']} repeats={repeats} warmup={warmup}")
-    t0 = time.perf_counter()
+    clock = Clock()
     rows = []
-    for w in build_workloads(device):
-        rows.extend(bench_workload(w, device, repeats, warmup))
+    with clock.section("workloads"):
+        for w in build_workloads(device):
+            rows.extend(bench_workload(w, device, repeats, warmup))
     table = pd.DataFrame(rows)
     print("anchors checked against ours (real and NaN/Inf-poisoned gradients): agree to 1e-4")
     print(table.to_string(index=False))
     print(f"stats_ms: extra time per step; overhead_%: stats_ms / step_ms; x_ours: stats_ms / "
-          f"ours' stats_ms; medians of {repeats} repeats; total {time.perf_counter() - t0:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "repeats": repeats, "warmup": warmup,
-                       "rows": table.to_dict(orient="records")}, f, indent=2)
+          f"ours' stats_ms; medians of {repeats} repeats")
+    epilogue(args, {"machine": info, "repeats": repeats, "warmup": warmup,
+                    "rows": table.to_dict(orient="records")}, clock)
     return table
 
 

@@ -65,14 +65,17 @@ from dataclasses import dataclass
 import pandas as pd
 import pyarrow as pa
 import torch
-from machine import describe, parse_args, write_json
+from machine import Clock, describe, epilogue, parse_args
 from torch import nn
 
 from adaptive_kit import pick_device, seed_everything
+from adaptive_kit import telemetry as tm
 from adaptive_kit.datasets import digits
 from adaptive_kit.records import Sink
 from adaptive_kit.telemetry import (
+    ACTIVATION_TYPES,
     FAULT_KINDS,
+    QUIET_KINDS,
     Controller,
     LinUCBPolicy,
     QLearningPolicy,
@@ -81,9 +84,6 @@ from adaptive_kit.telemetry import (
     Telemetry,
     TelemetryConfig,
 )
-from adaptive_kit.telemetry import episodes as ep
-from adaptive_kit.telemetry.collector import ACTIVATION_TYPES
-from adaptive_kit.telemetry.faults import QUIET_KINDS
 
 ce = nn.functional.cross_entropy
 LR = 0.01
@@ -146,8 +146,8 @@ def build_workloads(device: torch.device) -> list[Workload]:
     rgb = [(torch.randn(32, 3, 32, 32, generator=g).to(device),
             torch.randint(0, 10, (32,), generator=g).to(device)) for _ in range(BATCHES)]
     return [
-        Workload("mlp", ep.build_model("mlp").to(device), dig, "digits 8x8, batch 32"),
-        Workload("cnn", ep.build_model("cnn").to(device), dig, "digits 8x8, batch 32"),
+        Workload("mlp", tm.build_model("mlp").to(device), dig, "digits 8x8, batch 32"),
+        Workload("cnn", tm.build_model("cnn").to(device), dig, "digits 8x8, batch 32"),
         Workload("cnn28", cnn28().to(device), rnd, "random 1x28x28, batch 32"),
         Workload("resnet_bn", resnet_bn().to(device), rgb, "random 3x32x32, batch 32"),
     ]
@@ -476,10 +476,10 @@ def _conv_bn() -> nn.Module:
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
-UNSEEN = (ep.Workload("deep_tanh", _deep_tanh), ep.Workload("conv_bn", _conv_bn))
+UNSEEN = (tm.Workload("deep_tanh", _deep_tanh), tm.Workload("conv_bn", _conv_bn))
 
 
-def base_seed(spec: ep.EpisodeSpec) -> int:
+def base_seed(spec: tm.EpisodeSpec) -> int:
     return spec.seed % 1000  # fault_suite's clean runs use seed + 1000 * c
 
 
@@ -496,17 +496,17 @@ def detection(args, quick: bool) -> dict:
     clean_per_seed = 2 if quick else 3
     episodes = 40 if quick else 250
     unseen = () if quick else UNSEEN
-    specs = ep.fault_suite(models=("mlp", "cnn"), kinds=FAULT_KINDS, seeds=seeds, steps=steps,
+    specs = tm.fault_suite(models=("mlp", "cnn"), kinds=FAULT_KINDS, seeds=seeds, steps=steps,
                            clean_per_seed=clean_per_seed)
     test_seeds = sorted(set(seeds) - train_seeds)
-    specs += ep.fault_suite(models=unseen, kinds=FAULT_KINDS, seeds=test_seeds, steps=steps,
+    specs += tm.fault_suite(models=unseen, kinds=FAULT_KINDS, seeds=test_seeds, steps=steps,
                             clean_per_seed=clean_per_seed)
     n_fault = sum(s.fault is not None for s in specs)
     print(f"\n== Part B: detection ==\nfault suite: models mlp, cnn (seeds {list(seeds)}) and unseen "
           f"{[w.name for w in unseen] or 'none'} (seeds {test_seeds}) x {len(FAULT_KINDS)} fault kinds "
           f"({len(QUIET_KINDS)} quiet) = {n_fault} faulty + {len(specs) - n_fault} clean episodes of {steps} steps")
     t0 = time.perf_counter()
-    traces = ep.record_all(specs, progress=True)
+    traces = tm.record_all(specs, progress=True)
     t_record = time.perf_counter() - t0
     print(f"recorded {len(traces)} traces in {t_record:.0f} s")
     kit = {"mlp", "cnn"}
@@ -518,7 +518,7 @@ def detection(args, quick: bool) -> dict:
     train_s = {}
     for p in (q, lin):
         t0 = time.perf_counter()
-        ep.train(p, train_tr, episodes, seed=0, progress=True)
+        tm.train(p, train_tr, episodes, seed=0, progress=True)
         train_s[p.name] = time.perf_counter() - t0
     print("training: " + ", ".join(f"{k} {episodes} episodes in {v:.1f} s" for k, v in train_s.items()))
 
@@ -527,14 +527,14 @@ def detection(args, quick: bool) -> dict:
     rows, frames, false_by = [], [], {}
     t0 = time.perf_counter()
     for p in policies:
-        res = ep.evaluate(p, test_tr)
+        res = tm.evaluate(p, test_tr)
         false_by[p.name] = {}
         for r in res:
             for a in r.alarms:
                 if r.fault == "clean" or a.step < r.fault_step:
                     false_by[p.name][a.detector] = false_by[p.name].get(a.detector, 0) + 1
-        rows.append({"policy": p.name, **{k: fmt(v) for k, v in ep.summarize(res).items()}})
-        frame = ep.results_frame(res)
+        rows.append({"policy": p.name, **{k: fmt(v) for k, v in tm.summarize(res).items()}})
+        frame = tm.results_frame(res)
         frame["model"] = [r.label.split("/")[0] for r in res]
         frames.append(frame)
     t_eval = time.perf_counter() - t0
@@ -644,24 +644,21 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device={device} cpu={info['cpu']!r} cores={info['cpu_count']} threads={info['torch_threads']} "
           f"torch={info['torch']} mode={'quick' if args.quick else 'full'} "
           f"load average at start={os.getloadavg()[0]:.2f}")
-    t_start = time.perf_counter()
+    clock = Clock()
 
     overhead, levels, ot = pd.DataFrame(), [], pd.DataFrame()
     if "A" in part:
-        overhead, levels, ot = overhead_part(block, warmup, repeats, device, args.quick)
-    t_a = time.perf_counter() - t_start
-
-    det = detection(args, args.quick) if "B" in part else {}
-    total = time.perf_counter() - t_start
-    print(f"\ntotal {total:.0f} s (part A {t_a:.0f} s, part B {total - t_a:.0f} s); "
-          f"load average at end={os.getloadavg()[0]:.2f}")
+        with clock.section("part A"):
+            overhead, levels, ot = overhead_part(block, warmup, repeats, device, args.quick)
+    det = {}
+    if "B" in part:
+        with clock.section("part B"):
+            det = detection(args, args.quick)
     out = {"machine": info, "mode": "quick" if args.quick else "full", "part": part,
            "overhead_settings": {"block": block, "warmup": warmup, "repeats": repeats, "lr": LR},
            "overhead": overhead.to_dict(orient="records"), "bytes_per_level": levels,
-           "overhead_targets": ot.to_dict(orient="records"), "detection": det,
-           "runtime_s": round(total, 1)}
-    write_json(args.json, out)
-    return out
+           "overhead_targets": ot.to_dict(orient="records"), "detection": det}
+    return epilogue(args, out, clock)
 
 
 def overhead_part(block: int, warmup: int, repeats: int, device: torch.device, quick: bool):
