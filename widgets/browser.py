@@ -231,6 +231,19 @@ class LabPage:
         self.wait_idle(timeout_s)
         return self.signature(cell)
 
+    def wait_settled(self, cell: int, quiet_s: float = 4.0, timeout_s: float = 600) -> dict[str, Any]:
+        """Wait until the data behind the cell's plots has not changed for ``quiet_s`` (a run the
+        interaction started has finished drawing) and the kernel is idle; returns the signature."""
+        deadline = time.monotonic() + timeout_s
+        last, since = self.signature(cell), time.monotonic()
+        while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = self.signature(cell)
+            if now["hash"] != last["hash"]:
+                last, since = now, time.monotonic()
+        self.wait_idle(timeout_s)
+        return self.signature(cell)
+
     def screenshot(self, path: Path, cell: int | None = None) -> None:
         """The viewport, scrolled to ``cell`` when given."""
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ from .partition_plots import (
     stage_loads,
     throughput_figure,
 )
-from .plots import house_style, set_colour_key, set_title
+from .plots import house_style, key_entry, set_colour_key, set_title
 
 __all__ = ["ANCHORS", "KIND_COLORS", "MAX_K", "METHODS", "METHOD_COLORS", "METIS", "OURS", "STAGE_COLORS",
            "Comparison", "LiveLoads", "PartitionPanel", "compare_plans", "forecast_figure", "gantt_data",
@@ -219,7 +219,8 @@ class PartitionPanel(Panel):
         self.throughput_plot.figure.y_range.start = 0  # throughput is a rate: its axis starts at 0
         self.repartition_source = ColumnDataSource({"window": [], "throughput": [], "reason": []})
         self.throughput_plot.figure.scatter("window", "throughput", source=self.repartition_source, marker="x",
-                                            size=14, line_width=3, color="red", legend_label="re-partition")
+                                            size=14, line_width=3, color="red")
+        key_entry(self.throughput_plot.figure, "re-partition", marker="x", size=14, line_width=3, color="red")
         house_style(self.throughput_plot.figure)
         self.graph_widget = BokehModel(self.graph_fig)
         self.bars_widget, self.gantt_widget = BokehModel(self.bars_fig), BokehModel(self.gantt_fig)

@@ -176,3 +176,10 @@ def set_colour_key(lg: Legend, entries: dict[str, str]) -> None:
     nan = float("nan")
     r.data_source.data = {"x": [nan] * len(entries), "y": [nan] * len(entries), "color": list(entries.values())}
     lg.items = [LegendItem(label=lb, renderers=[r], index=i) for i, lb in enumerate(entries)]
+
+
+def key_entry(fig: Any, label: str, **glyph: Any) -> Any:
+    """A legend entry for marks that may not exist yet (rollbacks, re-partitions): a scatter of one
+    NaN point (it draws nothing) with the marks' ``glyph`` looks, so the key always shows its swatch."""
+    nan = float("nan")
+    return fig.scatter([nan], [nan], legend_label=label, **glyph)

@@ -26,7 +26,7 @@ from adaptive_kit import speculative as sp
 from adaptive_kit.training import TrainConfig
 
 from .common import LivePlot, Panel, ThrottledStream, control_row, panel_layout
-from .plots import house_style, set_title
+from .plots import house_style, key_entry, set_title
 
 METHODS = ("ours", "DDP", "local SGD")  # the panel's three runs, in the order they train
 COLORS = dict(zip(METHODS, Category10_10))  # the same colour for a method in every plot
@@ -264,7 +264,8 @@ class SpeculativePanel(Panel):
                                   width=620, height=260)
         self.rollback_source = ColumnDataSource({"step": [], "loss": [], "rollbacks": []})
         marks = self.loss_plot.figure.scatter("step", "loss", source=self.rollback_source, marker="x",
-                                              size=9, color="red", legend_label="rollback")
+                                              size=9, color="red")
+        key_entry(self.loss_plot.figure, "rollback", marker="x", size=9, color="red")
         house_style(self.loss_plot.figure)  # the new entry joins the legend outside the data
         self.loss_plot.figure.add_tools(HoverTool(renderers=[marks], tooltips=[
             ("step", "@step"), ("workers rolled back", "@rollbacks")]))

@@ -103,8 +103,7 @@ def test_notebook_runs_renders_and_responds(lab_page, artifacts, case):
         page.cell(panel).locator("button.jupyter-button:disabled").first.wait_for(state="detached", timeout=300_000)
     except Exception:  # noqa: BLE001 - a button disabled for good (no run) leaves the pictures as they are
         pass
-    page.wait_idle()
-    after = page.signature(panel)
+    after = page.wait_settled(panel)
     stem = case.notebook.removesuffix(".ipynb")
     page.screenshot_cell(artifacts / f"{stem}.png", panel)
     for cell in page.plot_cells():
