@@ -799,3 +799,35 @@ def test_summarize_arithmetic():
     assert frame["detected"].tolist() == [True, False, True, False, False]
     assert frame.loc[0, "delay"] == 3 and frame.loc[2, "delay"] == 7 and pd.isna(frame.loc[1, "delay"])
     assert frame["bytes_vs_raw"].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.1, 0.1])
+
+
+# ---------------------------------------------------------------------------- devices, on_step
+def test_episodes_run_and_record_on_the_device_they_are_given(monkeypatch):
+    import adaptive_kit.telemetry.episodes as episodes_module
+
+    spec = EpisodeSpec("mlp", Fault("nan_batch", 5), steps=12, seed=3)
+    picked = []
+    monkeypatch.setattr(episodes_module, "pick_device", lambda: picked.append(1) or torch.device("cpu"))
+    default = episodes.run(spec, "meso")  # no device: pick_device() decides
+    assert picked and all(p.device.type == "cpu" for p in default.tel.model.parameters())
+    explicit = episodes.run(spec, "meso", device="cpu")
+    np.testing.assert_array_equal(default.losses, explicit.losses)  # same seed, same run
+    trace = record(spec, device=torch.device("cpu"))
+    assert all(v.device.type == "cpu" for step in trace.values for v in step.values())
+    np.testing.assert_array_equal(trace.losses, explicit.losses)  # recording changes nothing
+    with pytest.raises((RuntimeError, TypeError, NotImplementedError)):  # the device is used: meta cannot train
+        episodes.run(spec, "off", device="meta")
+
+
+def test_on_step_is_the_callback_and_on_record_its_former_name():
+    spec = EpisodeSpec("mlp", None, steps=4)
+    seen, old = [], []
+    episodes.run(spec, "macro", device="cpu", on_step=lambda rec, alarms, obs: seen.append(rec.step))
+    episodes.run(spec, "macro", device="cpu", on_record=lambda rec, alarms, obs: old.append(rec.step))
+    assert seen == old == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="on_step"):
+        episodes.run(spec, on_step=print, on_record=print)
+    tel = Telemetry(mlp([4, 3]), "macro", on_record=print)
+    assert tel.on_step is print and tel.on_record is print
+    with pytest.raises(ValueError, match="on_step"):
+        Telemetry(mlp([4, 3]), on_step=print, on_record=print)
