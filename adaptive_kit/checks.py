@@ -23,11 +23,17 @@ def check_number(name: str, value, low: float = -math.inf, high: float = math.in
     ``high`` (excluded where ``open_low`` / ``open_high``).
 
     Raises:
-        ValueError: ``name must be a finite number in [low, high), got value``.
+        ValueError: ``name must be a finite number > low`` (or ``in (low, high)``, ``<= high``)
+            ``, got value``.
     """
     ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
     ok = ok and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
     if not ok:
-        span = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-        raise ValueError(f"{name} must be a finite number in {span}, got {value!r}")
+        if high == math.inf:
+            span = f"{'>' if open_low else '>='} {low:g}"
+        elif low == -math.inf:
+            span = f"{'<' if open_high else '<='} {high:g}"
+        else:
+            span = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        raise ValueError(f"{name} must be a finite number {span}, got {value!r}")
     return float(value)

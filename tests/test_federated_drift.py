@@ -13,7 +13,7 @@ from scipy import stats
 from adaptive_kit.datasets import statsmodels_frame
 from adaptive_kit.federated import data
 from adaptive_kit.federated.drift import ADWIN, KSDrift, PageHinkley, follow_stream, score_alarms
-from adaptive_kit.federated.partition import choose_granularity, n_parts
+from adaptive_kit.federated.subsets import choose_granularity, n_parts
 
 BATCH = 100
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from adaptive_kit.federated import data, meta, ordinal
-from adaptive_kit.federated.meta import MetaConfig, MetaModel, adapt, evaluate, make_clients, train
+from adaptive_kit.federated.meta import (
+    FederatedConfig,
+    MetaModel,
+    adapt,
+    evaluate,
+    make_clients,
+    train,
+)
 
 # a small, learnable problem: 4 regimes of unequal size, 3 ordered classes
 FAST = {"rounds": 6, "local_steps": 3, "local_lr": 0.1, "server_lr": 0.1}
@@ -226,7 +233,7 @@ def test_local_only_is_each_client_fitted_alone(clients):
 
 @pytest.mark.parametrize("method", meta.METHODS)
 def test_every_method_improves_validation_loss(clients, method):
-    cfg = MetaConfig(method=method, **FAST)
+    cfg = FederatedConfig(method=method, **FAST)
     result = train(clients, cfg)
     before, after = val_loss(start(clients, cfg), clients), val_loss(result.model, clients)
     assert after < before - 1e-3, (method, before, after)
@@ -245,9 +252,9 @@ def test_every_method_improves_validation_loss(clients, method):
 
 def test_fedavg_with_one_client_and_one_round_is_local_training(clients):
     one = clients.subset([2])
-    cfg = MetaConfig(method="fedavg", rounds=1, local_steps=4, local_lr=0.1)
+    cfg = FederatedConfig(method="fedavg", rounds=1, local_steps=4, local_lr=0.1)
     seen = []
-    result = train(one, cfg, callback=lambda r, model, row: seen.append(model.params.clone()))
+    result = train(one, cfg, on_step=lambda r, model, row: seen.append(model.params.clone()))
     expected = adapt(ordinal.init_params(one.features, one.classes), one, 4, 0.1, cfg.l2)[0]
     torch.testing.assert_close(seen[0], expected, atol=1e-12, rtol=0)
     assert result.best_round == 0  # local training helps its own validation rows here
@@ -255,19 +262,19 @@ def test_fedavg_with_one_client_and_one_round_is_local_training(clients):
 
 
 def test_fedprox_without_the_proximal_term_is_fedavg(clients):
-    a = train(clients, MetaConfig(method="fedavg", **FAST))
-    b = train(clients, MetaConfig(method="fedprox", mu=0.0, **FAST))
+    a = train(clients, FederatedConfig(method="fedavg", **FAST))
+    b = train(clients, FederatedConfig(method="fedprox", mu=0.0, **FAST))
     torch.testing.assert_close(a.model.params, b.model.params, atol=1e-12, rtol=0)
-    c = train(clients, MetaConfig(method="fedprox", mu=5.0, **FAST))
+    c = train(clients, FederatedConfig(method="fedprox", mu=5.0, **FAST))
     assert not torch.allclose(a.model.params, c.model.params)
 
 
 @pytest.fixture(scope="module")
 def reptile_run(clients):
     """Reptile with a large server step: validation improves, then stalls, so the step halves."""
-    cfg = MetaConfig(method="reptile", rounds=12, local_steps=3, local_lr=0.1, server_lr=0.3, patience=2)
+    cfg = FederatedConfig(method="reptile", rounds=12, local_steps=3, local_lr=0.1, server_lr=0.3, patience=2)
     models = []
-    result = train(clients, cfg, callback=lambda r, model, row: models.append(MetaModel(model.params.clone(), model.steps.clone())))
+    result = train(clients, cfg, on_step=lambda r, model, row: models.append(MetaModel(model.params.clone(), model.steps.clone())))
     return cfg, result, models
 
 
@@ -303,14 +310,14 @@ def test_server_step_halves_after_patience_stale_rounds(clients, reptile_run):
 
 @pytest.mark.parametrize("method", ["fedavg", "metasgd", "metacurv"])
 def test_a_failed_client_is_dropped_from_that_round_only(clients, method):
-    cfg = MetaConfig(method=method, rounds=1, local_steps=2, local_lr=0.1, server_lr=0.1)
+    cfg = FederatedConfig(method=method, rounds=1, local_steps=2, local_lr=0.1, server_lr=0.1)
     after = {}
 
     def keep(name):
         return lambda r, model, row: after.__setitem__(name, (model.params.clone(), model.steps.clone(), dict(row)))
 
-    faulty = train(clients, cfg, fail={0: [1]}, callback=keep("faulty"))
-    train(clients.subset([0, 2, 3]), cfg, callback=keep("others"))
+    faulty = train(clients, cfg, fail={0: [1]}, on_step=keep("faulty"))
+    train(clients.subset([0, 2, 3]), cfg, on_step=keep("others"))
     assert faulty.failed == [(0, 1)]
     assert faulty.history[0]["failed"] == 1 and after["others"][2]["failed"] == 0
     torch.testing.assert_close(after["faulty"][0], after["others"][0], atol=1e-12, rtol=0)
@@ -320,7 +327,7 @@ def test_a_failed_client_is_dropped_from_that_round_only(clients, method):
 
 
 def test_failures_over_several_rounds_are_all_reported_and_training_goes_on(clients):
-    cfg = MetaConfig(method="metasgd", **FAST)
+    cfg = FederatedConfig(method="metasgd", **FAST)
     result = train(clients, cfg, fail={0: [3], 2: [0, 2], 9: [1]})  # round 9 does not exist
     assert result.failed == [(0, 3), (2, 0), (2, 2)]
     assert [h["failed"] for h in result.history] == [1, 0, 2, 0, 0, 0]
@@ -330,10 +337,10 @@ def test_failures_over_several_rounds_are_all_reported_and_training_goes_on(clie
 
 @pytest.mark.parametrize("method", ["fedavg", "reptile", "metacurv"])
 def test_all_clients_failing_leaves_the_model_unchanged_that_round(clients, method):
-    cfg = MetaConfig(method=method, rounds=3, local_steps=2, local_lr=0.1, server_lr=0.1)
+    cfg = FederatedConfig(method=method, rounds=3, local_steps=2, local_lr=0.1, server_lr=0.1)
     seen = []
     result = train(clients, cfg, fail={1: [0, 1, 2, 3]},
-                   callback=lambda r, model, row: seen.append((model.params.clone(), model.steps.clone())))
+                   on_step=lambda r, model, row: seen.append((model.params.clone(), model.steps.clone())))
     assert result.failed == [(1, i) for i in range(4)]
     assert torch.equal(seen[1][0], seen[0][0]) and torch.equal(seen[1][1], seen[0][1])
     assert not torch.equal(seen[2][0], seen[1][0])  # and training resumes
@@ -341,7 +348,7 @@ def test_all_clients_failing_leaves_the_model_unchanged_that_round(clients, meth
 
 
 def test_oneshot_drops_a_failed_client_from_the_average(clients):
-    cfg = MetaConfig(method="oneshot", rounds=2, local_steps=3, local_lr=0.1)
+    cfg = FederatedConfig(method="oneshot", rounds=2, local_steps=3, local_lr=0.1)
     faulty = train(clients, cfg, fail={0: [2]})
     others = train(clients.subset([0, 1, 3]), cfg)
     assert faulty.failed == [(0, 2)]
@@ -367,12 +374,12 @@ def test_oneshot_drops_a_failed_client_from_the_average(clients):
 ])
 def test_meta_config_names_the_bad_field(field, value, message):
     with pytest.raises(ValueError, match=message):
-        MetaConfig(**{field: value})
+        FederatedConfig(**{field: value})
 
 
 def test_train_distributed_refuses_more_ranks_than_clients(clients):
     with pytest.raises(ValueError, match="world_size 5 exceeds the 4 clients"):
-        meta.train_distributed(clients, MetaConfig(rounds=1), world_size=5)
+        meta.train_distributed(clients, FederatedConfig(rounds=1), world_size=5)
 
 
 # --- clients as gloo ranks -------------------------------------------------------------------
@@ -388,7 +395,7 @@ def distributed_runs():
     c = make_clients(d.x, d.y, regime)
     out = {}
     for method, start_method in (("metacurv", "spawn"), ("fedavg", "fork")):
-        cfg = MetaConfig(method=method, rounds=3, local_steps=2, local_lr=0.1, server_lr=0.1, patience=1)
+        cfg = FederatedConfig(method=method, rounds=3, local_steps=2, local_lr=0.1, server_lr=0.1, patience=1)
         out[method] = (meta.train_distributed(c, cfg, world_size=2, fail=DIST_FAIL, timeout_s=100,
                                               start_method=start_method),
                        train(c, cfg, fail=DIST_FAIL))

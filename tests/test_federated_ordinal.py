@@ -102,7 +102,8 @@ BAD_LABELS = [
 
 
 def _entry_points():
-    from adaptive_kit.federated import drift, meta, partition, profile
+    from adaptive_kit.federated import drift, meta, profile
+    from adaptive_kit.federated import subsets as partition
 
     x = torch.randn(12, 2)
     return {
@@ -134,7 +135,8 @@ def test_non_finite_and_empty_labels_are_named(labels, message):
 
 @pytest.mark.parametrize("entry", ["profile_data", "adaptive_partition", "fit"])
 def test_entry_points_name_a_row_count_mismatch(entry):
-    from adaptive_kit.federated import partition, profile
+    from adaptive_kit.federated import profile
+    from adaptive_kit.federated import subsets as partition
 
     x, y = torch.randn(10, 2), torch.arange(9) % 2
     call = {"profile_data": lambda: profile.profile_data(x, y, clusters=2, k=2),

@@ -5,8 +5,8 @@ import pytest
 import torch
 from jupyter_bokeh.widgets import BokehModel
 
-from adaptive_kit.federated import data, meta
-from adaptive_kit.federated.partition import adaptive_partition
+from adaptive_kit import federated as fed
+from adaptive_kit.federated import adaptive_partition, data
 from widgets import FederatedPanel
 from widgets.federated import BASELINE, DETECTORS, STEPS, method_mae_figure, part_colors
 
@@ -97,8 +97,8 @@ def test_train_fills_finite_mae_bars_for_both_methods(panel):
     assert bars["client"] == [str(i) for i in range(c.n)]
     for col in ("alone", *(f"{m}_{s}" for m in (BASELINE, "meta") for s in STEPS)):
         assert len(bars[col]) == c.n and all(math.isfinite(v) and 0 <= v <= 1 for v in bars[col]), col
-    # the bars are what meta.evaluate says for each method's model
-    ev = meta.evaluate(panel.results["metacurv"].model, c, STEPS, lr=panel.config.local_lr, l2=panel.config.l2)
+    # the bars are what fed.evaluate says for each method's model
+    ev = fed.evaluate(panel.results["metacurv"].model, c, STEPS, lr=panel.config.local_lr, l2=panel.config.l2)
     assert bars["meta_5"] == pytest.approx(ev[5]["mae"].tolist())
     assert bars["meta"] == bars["meta_1"] and bars[BASELINE] == bars[f"{BASELINE}_1"]  # one step shown
     panel.steps.value = 5
@@ -129,7 +129,7 @@ def test_a_failed_training_reports_in_the_status(monkeypatch):
     def failing(*args, **kwargs):
         raise RuntimeError("diverged")
 
-    monkeypatch.setattr(meta, "train", failing)
+    monkeypatch.setattr(fed, "train", failing)
     with pytest.raises(RuntimeError, match="diverged"):
         panel.train()
     assert "failed" in panel.train_status.value and "diverged" in panel.train_status.value

@@ -19,16 +19,15 @@ from bokeh.plotting import figure
 from bokeh.transform import dodge
 from jupyter_bokeh.widgets import BokehModel
 
-from adaptive_kit.federated import drift, meta, profile
-from adaptive_kit.federated.data import OrdinalData, Stream, drifting_stream, mixture
-from adaptive_kit.federated.partition import DataPartition, adaptive_partition, n_parts
+from adaptive_kit import federated as fed
+from adaptive_kit.federated import DataPartition, adaptive_partition, data, drift, n_parts, profile
 
 from .common import LivePlot, Panel, control_row, panel_layout
 from .plots import house_style
 
 STEPS = (0, 1, 5)  # adaptation steps after which each client is evaluated
 BASELINE = "fedavg"
-CHOICES = tuple(m for m in meta.METHODS if m != BASELINE)  # what the method dropdown offers
+CHOICES = tuple(m for m in fed.METHODS if m != BASELINE)  # what the method dropdown offers
 NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "oneshot": "one-shot", "reptile": "Reptile",
          "fomaml": "Per-FedAvg", "metasgd": "Meta-SGD", "metacurv": "Meta-Curvature"}
 DETECTORS = {"page_hinkley": (Category10_10[3], "triangle"), "adwin": (Category10_10[1], "square"),
@@ -54,7 +53,7 @@ def largest_over_mean(labels: torch.Tensor, parts: int) -> float:
 def method_mae_figure(summaries: Mapping[str, Mapping[str, float]], alone: float | None = None, *,
                       steps: Sequence[int] = STEPS, title: str = "mean client MAE after adaptation steps",
                       width: int = 760, height: int = 300):
-    """Grouped bars of mean MAE per method (keys of ``summaries``, each a :func:`meta.summary`) after
+    """Grouped bars of mean MAE per method (keys of ``summaries``, each a :func:`~adaptive_kit.federated.summary`) after
     each number of ``steps``; a dashed line at ``alone`` (clients trained alone)."""
     methods = list(summaries)
     x = [(NAMES.get(m, m), f"{s} steps") for m in methods for s in steps]
@@ -77,7 +76,7 @@ def method_mae_figure(summaries: Mapping[str, Mapping[str, float]], alone: float
 def per_client_mae_figure(evals: Mapping[str, Mapping[int, Mapping[str, torch.Tensor]]], alone: torch.Tensor, *,
                           ours: str, steps: Sequence[int] = STEPS, width: int = 330, height: int = 280):
     """One small figure per number of ``steps``: every client's test MAE under each method of
-    ``evals`` (as :func:`meta.evaluate` returns), ``ours`` drawn as a red line over the others'
+    ``evals`` (as :func:`~adaptive_kit.federated.evaluate` returns), ``ours`` drawn as a red line over the others'
     dots, and each client alone (``alone``, per-client MAE) as black dashes."""
     figs = []
     for i, s in enumerate(steps):
@@ -117,10 +116,10 @@ class FederatedPanel(Panel):
 
     *Partition*: a scatter of two chosen features coloured by the adaptive partition and, beside
     it, by k-means with as many parts; the granularity slider and the minimum size re-run
-    :func:`~adaptive_kit.federated.partition.adaptive_partition` (the data profile is computed
+    :func:`~adaptive_kit.federated.adaptive_partition` (the data profile is computed
     once) and redraw colours and the bars of rows per part. *Personalisation*: **Train** makes
     one client per part of the partition shown, trains FedAvg and the chosen method with
-    :func:`~adaptive_kit.federated.meta.train` (validation loss drawn live per round), and draws
+    :func:`~adaptive_kit.federated.fed.train` (validation loss drawn live per round), and draws
     each client's test MAE after 0, 1 or 5 adaptation steps, with each client trained alone as the
     reference. *Drift*: **Run stream** runs :func:`~adaptive_kit.federated.drift.follow_stream` at
     the Partition tab's granularity and minimum size; the loss per batch with each detector's
@@ -131,12 +130,12 @@ class FederatedPanel(Panel):
     ``click()`` the buttons); sources and results are attributes.
     """
 
-    def __init__(self, dataset: OrdinalData | None = None, stream: Stream | None = None, *,
+    def __init__(self, dataset: data.OrdinalData | None = None, stream: data.Stream | None = None, *,
                  granularity: float = 0.5, min_size: int = 50, max_parts: int = 16, method: str = "metacurv",
-                 rounds: int = 20, config: meta.MetaConfig | None = None, warmup: int = 5, refit_batches: int = 5,
+                 rounds: int = 20, config: fed.FederatedConfig | None = None, warmup: int = 5, refit_batches: int = 5,
                  max_points: int = 4000, seed: int = 0, min_interval_s: float = 0.25) -> None:
-        self.data = dataset if dataset is not None else mixture(n=2000, seed=seed)[0]
-        self.stream = stream if stream is not None else drifting_stream(batches=30, batch=100, changes=(15,), seed=seed)
+        self.data = dataset if dataset is not None else data.mixture(n=2000, seed=seed)[0]
+        self.stream = stream if stream is not None else data.drifting_stream(batches=30, batch=100, changes=(15,), seed=seed)
         n, d = self.data.x.shape
         if not 0 <= granularity <= 1:
             raise ValueError(f"FederatedPanel(granularity={granularity!r}): expected 0 <= granularity <= 1")
@@ -149,7 +148,7 @@ class FederatedPanel(Panel):
         if max_points < 1:
             raise ValueError(f"FederatedPanel(max_points={max_points!r}): must be >= 1")
         self.max_parts, self.seed, self.warmup, self.refit_batches = max_parts, seed, warmup, refit_batches
-        self.config = replace(config or meta.MetaConfig(), seed=seed)
+        self.config = replace(config or fed.FederatedConfig(), seed=seed)
         self.out = w.Output()
         self.status = w.HTML(f"<b>{html.escape(self.data.name)}</b>: {n:,} rows, {d} features, "
                              f"{self.data.classes} ordinal classes · stream: {len(self.stream.x)} batches of "
@@ -314,8 +313,8 @@ class FederatedPanel(Panel):
             control_row(self.steps),
             control_row(self.mae_widget, self.val_plot.widget),
             self.summary_table])
-        self.clients: meta.Clients | None = None
-        self.results: dict[str, meta.MetaResult] = {}
+        self.clients: fed.Clients | None = None
+        self.results: dict[str, fed.FederatedResult] = {}
         self.evals: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
         self.alone: dict[int, dict[str, torch.Tensor]] | None = None
         self.train_button.on_click(lambda _: self.train())
@@ -327,7 +326,7 @@ class FederatedPanel(Panel):
         return {"client": [], "rows": [], BASELINE: [], "meta": [], "alone": [],
                 **{f"{m}_{s}": [] for m in (BASELINE, "meta") for s in STEPS}}
 
-    def train(self) -> dict[str, meta.MetaResult]:
+    def train(self) -> dict[str, fed.FederatedResult]:
         """One client per part of the partition shown; FedAvg, then the chosen method, each for
         ``rounds``; evaluate every client after 0, 1 and 5 steps, and alone. Returns :attr:`results`."""
         method, rounds = self.method.value, int(self.rounds.value)
@@ -336,10 +335,10 @@ class FederatedPanel(Panel):
         self.val_plot.figure.title.text = f"validation loss after one adaptation step: FedAvg vs {NAMES[method]}"
         self.progress.value, self.progress.max = 0, 2 * rounds
         self.train_button.disabled = True
-        results: dict[str, meta.MetaResult] = {}
+        results: dict[str, fed.FederatedResult] = {}
         name = BASELINE
         try:
-            self.clients = meta.make_clients(self.data.x, self.data.y, self.partition.labels, seed=self.seed,
+            self.clients = fed.make_clients(self.data.x, self.data.y, self.partition.labels, seed=self.seed,
                                              classes=self.data.classes)
             for name in (BASELINE, method):
                 self.train_status.value = f"training <b>{NAMES[name]}</b> on {self.clients.n} clients…"
@@ -349,13 +348,13 @@ class FederatedPanel(Panel):
                     self.val_plot.push(r, **{series: row["val_loss"]})
                     self.progress.value += 1
 
-                results[name] = meta.train(self.clients, replace(self.config, method=name, rounds=rounds),
-                                           callback=on_round)
+                results[name] = fed.train(self.clients, replace(self.config, method=name, rounds=rounds),
+                                           on_step=on_round)
             self.val_plot.flush()
             cfg = self.config
-            evals = {m: meta.evaluate(r.model, self.clients, STEPS, lr=cfg.local_lr, l2=cfg.l2)
+            evals = {m: fed.evaluate(r.model, self.clients, STEPS, lr=cfg.local_lr, l2=cfg.l2)
                      for m, r in results.items()}
-            alone = meta.evaluate(meta.local_only(self.clients, l2=cfg.l2), self.clients, (0,), l2=cfg.l2)
+            alone = fed.evaluate(fed.local_only(self.clients, l2=cfg.l2), self.clients, (0,), l2=cfg.l2)
         except Exception as e:
             self.train_status.value = f"<b>{NAMES[name]} failed</b>: {html.escape(f'{type(e).__name__}: {e}')}"
             raise
@@ -414,8 +413,8 @@ class FederatedPanel(Panel):
         """
         if not self.results:
             raise RuntimeError("FederatedPanel.summary: press Train first")
-        rows = {NAMES[m]: meta.summary(ev) for m, ev in self.evals.items()}
-        rows["alone"] = meta.summary(self.alone)
+        rows = {NAMES[m]: fed.summary(ev) for m, ev in self.evals.items()}
+        rows["alone"] = fed.summary(self.alone)
         return pd.DataFrame(rows).T.rename_axis("method")
 
     # == Drift =========================================================================================

@@ -1,17 +1,33 @@
-"""Federated meta-learning over adaptively partitioned data.
+"""Federated meta-learning over adaptively partitioned data: balanced subsets of the rows become
+clients, one starting model is learned across them without pooling rows, each client adapts it
+in a step or five, and drift detectors rebuild the subsets when the data moves.
 
-- :mod:`~adaptive_kit.federated.ordinal`: binary and ordinal (proportional-odds) logistic
-  regression in torch, matching statsmodels' ``OrderedModel``;
-- :mod:`~adaptive_kit.federated.profile`: the data profiler (kNN density, feature importance,
-  k-means on device);
-- :mod:`~adaptive_kit.federated.partition`: the dynamic partitioning engine (granularity, minimum
-  size, balanced recursive cuts, assignment to resources);
-- :mod:`~adaptive_kit.federated.meta`: FedAvg, FedProx, one-shot averaging, Reptile, Per-FedAvg,
-  Meta-SGD and Meta-Curvature over vectorised clients, in one process or with clients as ranks;
-- :mod:`~adaptive_kit.federated.drift`: Page-Hinkley, ADWIN and KS detectors and the stream loop
-  that re-partitions on drift;
-- :mod:`~adaptive_kit.federated.data`: ``fair``, ``randhie`` and drifting regime mixtures.
+    part = adaptive_partition(d.x, d.y, granularity=0.5, min_size=50)
+    clients = make_clients(d.x, d.y, part.labels)
+    result = train(clients, FederatedConfig(method="metasgd", rounds=30))
+    summary(evaluate(result.model, clients, steps=(0, 1, 5), lr=1.0, newton=0.03, guard=True))
 """
-from . import data, drift, meta, ordinal, partition, profile
+# families used as namespaces: the data sets, the drift detectors and stream loop, the ordinal
+# model every client fits, and the data profiler (k-means, density, feature importance)
+from . import data, drift, ordinal, profile
+from .meta import (
+    META_METHODS,
+    METHODS,
+    Clients,
+    FederatedConfig,
+    FederatedResult,
+    adapt,
+    evaluate,
+    local_only,
+    make_clients,
+    summary,
+    train,
+    train_distributed,
+)
+from .subsets import DataPartition, adaptive_partition, local_accuracy, n_parts
 
-__all__ = ["data", "drift", "meta", "ordinal", "partition", "profile"]
+__all__ = [
+    "META_METHODS", "METHODS", "Clients", "DataPartition", "FederatedConfig", "FederatedResult", "adapt",
+    "adaptive_partition", "data", "drift", "evaluate", "local_accuracy", "local_only", "make_clients", "n_parts",
+    "ordinal", "profile", "summary", "train", "train_distributed",
+]

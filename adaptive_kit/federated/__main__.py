@@ -8,8 +8,8 @@ import os
 from collections.abc import Sequence
 
 from .data import fair, mixture, randhie
-from .meta import METHODS, MetaConfig, evaluate, make_clients, summary, train_distributed
-from .partition import adaptive_partition
+from .meta import METHODS, FederatedConfig, evaluate, make_clients, summary, train_distributed
+from .subsets import adaptive_partition
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     d = {"fair": fair, "randhie": randhie, "mixture": lambda: mixture(seed=a.seed)[0]}[a.data]()
     part = adaptive_partition(d.x, d.y, a.granularity, a.min_size, max_parts=16, seed=a.seed)
     clients = make_clients(d.x, d.y, part.labels, seed=a.seed)
-    cfg = MetaConfig(method=a.method, rounds=a.rounds, seed=a.seed)
+    cfg = FederatedConfig(method=a.method, rounds=a.rounds, seed=a.seed)
     result = train_distributed(clients, cfg, a.world_size)
     s = summary(evaluate(result.model, clients, lr=cfg.local_lr, l2=cfg.l2))
     if int(os.environ.get("RANK", 0)) == 0:

@@ -29,7 +29,7 @@ from scipy import stats
 from ..checks import check_int, check_number
 from . import ordinal
 from .checks import _tensor, check_features, check_labels
-from .partition import DataPartition, adaptive_partition, choose_granularity
+from .subsets import DataPartition, adaptive_partition, choose_granularity
 
 
 def _check_batch(v: torch.Tensor | np.ndarray | Sequence[float], name: str = "batch") -> torch.Tensor:
@@ -168,7 +168,9 @@ class StreamRun:
     alarms: dict[str, list[int]] = field(default_factory=dict)  # detector -> batches it fired on
 
 
-def _fit_parts(x: torch.Tensor, y: torch.Tensor, part: DataPartition, classes: int) -> list[torch.Tensor]:
+def fit_parts(x: torch.Tensor, y: torch.Tensor, part: DataPartition, classes: int) -> list[torch.Tensor]:
+    """One ordinal fit (l2 1e-3) per part of ``part`` on its rows of ``x``, ``y``; a part with a
+    single class gets the fit on all rows."""
     out = []
     for k in range(part.parts):
         rows = part.labels == k
@@ -178,6 +180,22 @@ def _fit_parts(x: torch.Tensor, y: torch.Tensor, part: DataPartition, classes: i
             continue
         out.append(ordinal.fit(x[rows], y[rows], classes, l2=1e-3, max_iter=100).params)
     return out
+
+
+def score_rows(models: Sequence[torch.Tensor], part: DataPartition, x: torch.Tensor, y: torch.Tensor,
+               classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-row log loss, per-row error of the median class) of each row of ``x``, ``y`` under the
+    model of the part :meth:`DataPartition.assign` routes it to."""
+    x64 = x.double()
+    where = part.assign(x)
+    loss = torch.empty(len(y), dtype=torch.float64)
+    err = torch.empty(len(y), dtype=torch.float64)
+    for k in torch.unique(where).tolist():
+        m = where == k
+        pr = ordinal.class_probs(models[k], x64[m], classes).clamp(min=1e-12)
+        loss[m] = -torch.log(pr.gather(1, y[m, None].long()))[:, 0]
+        err[m] = (ordinal.predict(models[k], x64[m], classes, "median") != y[m]).double()
+    return loss, err
 
 
 def follow_stream(x: torch.Tensor, y: torch.Tensor, *, warmup: int = 5, refit_batches: int = 5,
@@ -209,7 +227,7 @@ def follow_stream(x: torch.Tensor, y: torch.Tensor, *, warmup: int = 5, refit_ba
         part = adaptive_partition(xs, ys, gran, size, seed=seed)
         for det in detectors.values():
             det.reset(reference.reshape(-1, x.shape[-1]).numpy()) if isinstance(det, KSDrift) else det.reset()
-        return part, _fit_parts(xs.double(), ys, part, classes)
+        return part, fit_parts(xs.double(), ys, part, classes)
 
     part, models = rebuild(warmup, 0, x[:warmup])
     run = StreamRun(pd.DataFrame(), [(warmup, part)], {k: [] for k in detectors})
@@ -220,16 +238,7 @@ def follow_stream(x: torch.Tensor, y: torch.Tensor, *, warmup: int = 5, refit_ba
 
         batches = tqdm(batches, desc="stream", leave=False)
     for b in batches:
-        xb, yb = x[b].double(), y[b]
-        where = part.assign(x[b])
-        loss = torch.empty(len(yb), dtype=torch.float64)
-        err = torch.empty(len(yb), dtype=torch.float64)
-        for k in torch.unique(where).tolist():
-            m = where == k
-            p = models[k]
-            pr = ordinal.class_probs(p, xb[m], classes).clamp(min=1e-12)
-            loss[m] = -torch.log(pr.gather(1, yb[m, None].long()))[:, 0]
-            err[m] = (ordinal.predict(p, xb[m], classes, "median") != yb[m]).double()
+        loss, err = score_rows(models, part, x[b], y[b], classes)
         fired = [name for name, det in detectors.items()
                  if det.update(x[b].numpy() if isinstance(det, KSDrift) else loss)]
         for name in fired:

@@ -26,7 +26,6 @@ run on all clients (a test).
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch.func import grad, vmap
 
+from ..checks import check_int, check_number
+from ..devices import pick_device
 from . import ordinal
 from .checks import check_features, check_labels, check_steps
 
@@ -88,8 +89,10 @@ def _pad(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tens
 
 
 def make_clients(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, val_fraction: float = 0.2,
-                 test_fraction: float = 0.2, seed: int = 0, classes: int | None = None) -> Clients:
-    """One client per part of ``labels``, each with its own seeded train / val / test split.
+                 test_fraction: float = 0.2, seed: int = 0, classes: int | None = None,
+                 device: torch.device | str | None = None) -> Clients:
+    """One client per part of ``labels``, each with its own seeded train / val / test split, on
+    ``device`` (default :func:`~adaptive_kit.pick_device`); training and evaluation follow it.
 
     Raises:
         ValueError: NaN features, labels not 0..J-1, fractions outside (0, 1) or summing to >= 1,
@@ -118,38 +121,35 @@ def make_clients(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, val_fra
         n_test = max(1, int(round(len(idx) * test_fraction)))
         for s, rows in zip(SPLITS, (idx[n_val + n_test:], idx[:n_val], idx[n_val:n_val + n_test])):
             splits[s].append((x[rows], y[rows]))
-    padded = {s: _pad(v) for s, v in splits.items()}
+    dev = pick_device(device)
+    padded = {s: [t.to(dev) for t in _pad(v)] for s, v in splits.items()}
     return Clients({s: v[0] for s, v in padded.items()}, {s: v[1] for s, v in padded.items()},
-                   {s: v[2] for s, v in padded.items()}, classes, torch.arange(len(parts)))
+                   {s: v[2] for s, v in padded.items()}, classes, torch.arange(len(parts), device=dev))
 
 
 @dataclass(frozen=True)
-class MetaConfig:
-    method: str = "metasgd"
-    rounds: int = 30
-    local_steps: int = 5  # FedAvg / FedProx / Reptile client steps per round
-    local_lr: float = 0.5  # client and adaptation step (Meta-SGD: its initial per-parameter step)
-    server_lr: float = 0.05  # Adam step of the meta-learners (FedAvg / FedProx average plainly)
-    mu: float = 0.1  # FedProx proximal weight
-    l2: float = 1e-4
+class FederatedConfig:
+    """How :func:`train` learns the global model (see the module docstring for each method)."""
+
+    method: str = "metasgd"  # one of METHODS: fedavg, fedprox, oneshot, reptile, fomaml, metasgd, metacurv
+    rounds: int = 30  # server rounds (one-shot: local steps = rounds x local_steps, one average)
+    local_steps: int = 5  # full-batch client steps per round (FedAvg / FedProx / Reptile / one-shot)
+    local_lr: float = 0.5  # client and adaptation step size (Meta-SGD: its initial per-parameter step)
+    server_lr: float = 0.05  # Adam step of the meta-learners on the mean meta-gradient (FedAvg / FedProx average plainly)
+    mu: float = 0.1  # FedProx's proximal weight on |p - global|^2 / 2
+    l2: float = 1e-4  # ridge penalty on the coefficients (not the thresholds) of every client's loss
     patience: int = 5  # rounds without validation improvement before the server step halves
-    seed: int = 0
+    seed: int = 0  # seeds the initial model and the meta-learners' support / query split
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         for name in ("rounds", "local_steps", "patience"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            check_int(name, getattr(self, name), 1)
         for name in ("local_lr", "server_lr"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+            check_number(name, getattr(self, name), 0, open_low=True)
         for name in ("mu", "l2"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+            check_number(name, getattr(self, name), 0)
 
 
 @dataclass
@@ -161,7 +161,9 @@ class MetaModel:
 
 
 @dataclass
-class MetaResult:
+class FederatedResult:
+    """What :func:`train` returns: the best global model on validation and how training went."""
+
     model: MetaModel  # the best global model on validation
     history: list[dict] = field(default_factory=list)  # per round: val_loss, val_mae, server_lr, failed
     failed: list[tuple[int, int]] = field(default_factory=list)  # (round, client id) left out
@@ -201,7 +203,7 @@ def adapt(params: torch.Tensor, clients: Clients, steps: int, lr: float | torch.
         if not newton > 0 or isinstance(lr, torch.Tensor):
             raise ValueError(f"newton damping must be > 0 with a number lr, got {newton!r}, lr {type(lr).__name__}")
         h = vmap(torch.func.hessian(objective), in_dims=(0, 0, 0, 0, None, None))
-        eye = torch.eye(p.shape[1], dtype=p.dtype)
+        eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
     for _ in range(steps):
         gr = g(p, x, y, w, anchor, mu)
         if newton is not None:
@@ -214,7 +216,7 @@ def adapt(params: torch.Tensor, clients: Clients, steps: int, lr: float | torch.
 def _halves(clients: Clients) -> tuple[torch.Tensor, torch.Tensor]:
     """(support, query) row weights: alternate real train rows (rows are shuffled per client)."""
     w = clients.mask["train"]
-    even = (torch.arange(w.shape[1]) % 2 == 0).double()
+    even = (torch.arange(w.shape[1], device=w.device) % 2 == 0).double()
     return w * even, w * (1 - even)
 
 
@@ -274,7 +276,7 @@ def local_only(clients: Clients, l2: float = 1e-4, max_iter: int = 100) -> torch
     for i in range(clients.n):
         rows = clients.mask["train"][i] > 0
         x, y = clients.x["train"][i, rows], clients.y["train"][i, rows]
-        init = ordinal.init_params(clients.features, clients.classes, y)
+        init = ordinal.init_params(clients.features, clients.classes, y).to(x.device)
         out.append(ordinal.fit(x, y, clients.classes, l2=l2, init=init, max_iter=max_iter).params)
     return torch.stack(out)
 
@@ -289,14 +291,14 @@ def _val(model: MetaModel, c: Clients, l2: float, on: bool) -> tuple[float, floa
     """Mean over all clients of validation loss and MAE after one adaptation step."""
     ev = evaluate(model, c, (1,), l2=l2, split="val")[1]
     loss = torch.nan_to_num(ev["loss"], nan=torch.inf)
-    s = _allreduce(torch.stack([loss.sum(), ev["mae"].sum(), torch.tensor(float(c.n), dtype=torch.float64)]), on)
+    s = _allreduce(torch.stack([loss.sum(), ev["mae"].sum(), torch.tensor(float(c.n), dtype=torch.float64, device=loss.device)]), on)
     return float(s[0] / s[2]), float(s[1] / s[2])
 
 
-def _local_update(p: torch.Tensor, steps: torch.Tensor, c: Clients, cfg: MetaConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _local_update(p: torch.Tensor, steps: torch.Tensor, c: Clients, cfg: FederatedConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(C, P) per-client parameter update direction (FedAvg-style: the local model; meta: the
     meta-gradient) and (C, P) the Meta-SGD step-size gradient (zeros otherwise)."""
-    zero = torch.zeros(c.n, steps.numel(), dtype=p.dtype)
+    zero = torch.zeros(c.n, steps.numel(), dtype=p.dtype, device=p.device)
     if cfg.method in ("fedavg", "fedprox", "reptile"):
         prox = (p, cfg.mu) if cfg.method == "fedprox" else None
         local = adapt(p, c, cfg.local_steps, cfg.local_lr, cfg.l2, prox=prox)
@@ -318,22 +320,22 @@ def _local_update(p: torch.Tensor, steps: torch.Tensor, c: Clients, cfg: MetaCon
     return gp, zero
 
 
-def train(clients: Clients, config: MetaConfig = MetaConfig(), fail: dict[int, list[int]] | None = None,
-          distributed: bool = False, progress: bool = False, callback=None) -> MetaResult:
+def train(clients: Clients, config: FederatedConfig = FederatedConfig(), fail: dict[int, list[int]] | None = None,
+          distributed: bool = False, progress: bool = False, on_step=None) -> FederatedResult:
     """Train a global model over ``clients`` with ``config.method`` (see the module docstring).
 
     ``fail`` maps a round to client ids whose update is replaced by NaN there (fault injection);
-    ``callback(round, model, history_row)`` is called after each round (live panels).
+    ``on_step(round, model, history_row)`` is called after each round (live panels).
     """
     cfg, c = config, clients
     on = distributed and dist.is_available() and dist.is_initialized()
     torch.manual_seed(cfg.seed)
-    p = ordinal.init_params(c.features, c.classes)
-    model = MetaModel(p, torch.eye(p.numel(), dtype=p.dtype) * cfg.local_lr if cfg.method == "metacurv"
+    p = ordinal.init_params(c.features, c.classes).to(c.ids.device)
+    model = MetaModel(p, torch.eye(p.numel(), dtype=p.dtype, device=p.device) * cfg.local_lr if cfg.method == "metacurv"
                       else torch.full_like(p, cfg.local_lr))
     per_msg = (p.numel() + (model.steps.numel() if cfg.method in ("metasgd", "metacurv") else 0)) * p.element_size()
     sizes = c.sizes
-    result = MetaResult(MetaModel(p.clone(), model.steps.clone()))
+    result = FederatedResult(MetaModel(p.clone(), model.steps.clone()))
     if cfg.method == "oneshot":  # the divide-and-conquer combiner: fit each alone, average once
         local = adapt(p, c, cfg.local_steps * cfg.rounds, cfg.local_lr, cfg.l2)
         _inject(local, c, (fail or {}).get(0, []))
@@ -347,7 +349,7 @@ def train(clients: Clients, config: MetaConfig = MetaConfig(), fail: dict[int, l
     meta = cfg.method in META_METHODS
     server_lr = cfg.server_lr
     k = p.numel() + model.steps.numel()
-    opt_state = [torch.zeros(k, dtype=p.dtype), torch.zeros(k, dtype=p.dtype), 0]
+    opt_state = [torch.zeros(k, dtype=p.dtype, device=p.device), torch.zeros(k, dtype=p.dtype, device=p.device), 0]
     best, _ = _val(model, c, cfg.l2, on)
     stale = 0
     rounds = range(cfg.rounds)
@@ -386,8 +388,8 @@ def train(clients: Clients, config: MetaConfig = MetaConfig(), fail: dict[int, l
                "failed": len(failed)}
         result.history.append(row)
         result.bytes_per_client += 2 * per_msg
-        if callback is not None:
-            callback(r, model, row)
+        if on_step is not None:
+            on_step(r, model, row)
     return result
 
 
@@ -399,11 +401,12 @@ def _inject(upd: torch.Tensor, c: Clients, ids: Sequence[int]) -> None:
 
 def _failures(r: int, c: Clients, ok: torch.Tensor, on: bool) -> list[tuple[int, int]]:
     """(round, client id) of every failed client on every rank."""
-    bad = torch.zeros(int(c.ids.max()) + 1 if c.n else 0, dtype=torch.float64)
+    dev = c.ids.device
+    bad = torch.zeros(int(c.ids.max()) + 1 if c.n else 0, dtype=torch.float64, device=dev)
     if on:  # ids are global: gather them by summing indicator vectors of the largest size
-        size = torch.tensor([float(len(bad))], dtype=torch.float64)
+        size = torch.tensor([float(len(bad))], dtype=torch.float64, device=dev)
         dist.all_reduce(size, op=dist.ReduceOp.MAX)
-        bad = torch.zeros(int(size), dtype=torch.float64)
+        bad = torch.zeros(int(size), dtype=torch.float64, device=dev)
     bad[c.ids[~ok]] = 1.0
     _allreduce(bad, on)
     return [(r, int(i)) for i in bad.nonzero()[:, 0].tolist()]
@@ -437,17 +440,17 @@ def summary(ev: dict[int, dict[str, torch.Tensor]], alone: dict[int, dict[str, t
 
 
 
-def _worker(rank: int, world: int, clients: Clients, config: MetaConfig, fail: dict | None) -> MetaResult:
-    from .partition import assign_resources
+def _worker(rank: int, world: int, clients: Clients, config: FederatedConfig, fail: dict | None) -> FederatedResult:
+    from .subsets import assign_resources
 
     mine = assign_resources(clients.sizes.tolist(), world)[rank]
     return train(clients.subset(sorted(mine)), config, fail=fail, distributed=True)
 
 
-def train_distributed(clients: Clients, config: MetaConfig = MetaConfig(), world_size: int = 2,
-                      fail: dict[int, list[int]] | None = None, **launch_kwargs) -> MetaResult:
+def train_distributed(clients: Clients, config: FederatedConfig = FederatedConfig(), world_size: int = 2,
+                      fail: dict[int, list[int]] | None = None, **launch_kwargs) -> FederatedResult:
     """:func:`train` with clients as ranks: each of ``world_size`` gloo processes (or this rank under
-    torchrun) holds the clients :func:`~adaptive_kit.federated.partition.assign_resources` gives it
+    torchrun) holds the clients :func:`~adaptive_kit.federated.subsets.assign_resources` gives it
     (balanced by rows). Returns rank 0's result (every rank holds the same model).
 
     Raises:

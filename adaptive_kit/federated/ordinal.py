@@ -36,7 +36,7 @@ def init_params(features: int, classes: int, y: torch.Tensor | None = None, dtyp
         cum = (counts.cumsum(0) / counts.sum())[:-1]
     t = torch.logit(cum)
     inc = torch.log(torch.clamp(t[1:] - t[:-1], min=1e-3))
-    return torch.cat([torch.zeros(features, dtype=dtype), t[:1], inc])
+    return torch.cat([torch.zeros(features, dtype=dtype, device=t.device), t[:1], inc])
 
 
 def thresholds(params: torch.Tensor, classes: int) -> torch.Tensor:
@@ -120,7 +120,7 @@ def fit(x: torch.Tensor, y: torch.Tensor, classes: int | None = None, *, l2: flo
         if len(y) != len(x):
             raise ValueError(f"y has {len(y)} rows, x has {len(x)}")
     p = (init.detach().clone().to(torch.float64) if init is not None
-         else init_params(x.shape[1], classes, y)).requires_grad_(True)
+         else init_params(x.shape[1], classes, y)).to(x.device).requires_grad_(True)
     opt = torch.optim.LBFGS([p], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-14,
                             history_size=20, line_search_fn="strong_wolfe")
 

@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 from scipy.spatial import cKDTree
 
 from adaptive_kit.federated import data, ordinal
-from adaptive_kit.federated.partition import (
+from adaptive_kit.federated.profile import feature_importance, kmeans, knn_log_density, profile_data
+from adaptive_kit.federated.subsets import (
     adaptive_partition,
     assign_resources,
     choose_granularity,
     n_parts,
 )
-from adaptive_kit.federated.profile import feature_importance, kmeans, knn_log_density, profile_data
 
 
 def blobs(centres, per, scale=0.3, seed=0):
