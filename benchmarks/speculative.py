@@ -87,7 +87,7 @@ BASELINES = ("local_sgd", "post_local", "diloco")
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    make: object  # sp.digits_task or sp.sequence_task
+    make: object  # sp.tasks.digits_task or sp.tasks.sequence_task
     lr: float
     batch_size: int
     steps: int
@@ -97,9 +97,9 @@ class TaskSpec:
 def task_specs(quick: bool) -> list[TaskSpec]:
     # lr / batch: chosen for DDP in a pilot (seed 0), then shared by every method
     return [
-        TaskSpec("digits", sp.digits_task, 0.1, 64, 150 if quick else 300, 10),
-        TaskSpec("tinygpt", sp.sequence_task, 0.3, 32, 100 if quick else 250, 10),
-        TaskSpec("regression", sp.regression_task, 0.05, 32, 150 if quick else 300, 10),
+        TaskSpec("digits", sp.tasks.digits_task, 0.1, 64, 150 if quick else 300, 10),
+        TaskSpec("tinygpt", sp.tasks.sequence_task, 0.3, 32, 100 if quick else 250, 10),
+        TaskSpec("regression", sp.tasks.regression_task, 0.05, 32, 150 if quick else 300, 10),
     ]
 
 
@@ -107,7 +107,7 @@ def task_specs(quick: bool) -> list[TaskSpec]:
 class Candidate:
     method: str
     label: str
-    config: sp.SpecConfig
+    config: sp.SpeculativeConfig
 
 
 def grid(steps: int, quick: bool) -> list[Candidate]:
@@ -118,11 +118,11 @@ def grid(steps: int, quick: bool) -> list[Candidate]:
     outer = [(8, 0.3), (8, 0.7)] if quick else [(4, 0.3), (4, 0.7), (16, 0.3), (16, 0.7)]
     # ours: the base period and the network the Region Manager plans for (LAN allows Global layers)
     ours = [(8, "lan"), (8, "wan")] if quick else [(8, "lan"), (16, "lan"), (8, "wan"), (16, "wan")]
-    out = [Candidate("ddp", "every step", sp.ddp())]
-    out += [Candidate("local_sgd", f"P={p}", sp.local_sgd(p)) for p in periods]
-    out += [Candidate("post_local", f"P={p} warm={warm}", sp.post_local_sgd(p, warm)) for p in periods]
-    out += [Candidate("diloco", f"P={p} olr={olr:g} om=0.9", sp.diloco(p, olr, 0.9)) for p, olr in outer]
-    out += [Candidate("ours", f"P={p} plan={net}", sp.speculative(period=p, network=net)) for p, net in ours]
+    out = [Candidate("ddp", "every step", sp.baselines.ddp())]
+    out += [Candidate("local_sgd", f"P={p}", sp.baselines.local_sgd(p)) for p in periods]
+    out += [Candidate("post_local", f"P={p} warm={warm}", sp.baselines.post_local_sgd(p, warm)) for p in periods]
+    out += [Candidate("diloco", f"P={p} olr={olr:g} om=0.9", sp.baselines.diloco(p, olr, 0.9)) for p, olr in outer]
+    out += [Candidate("ours", f"P={p} plan={net}", sp.baselines.speculative(period=p, network=net)) for p, net in ours]
     return out
 
 
@@ -151,19 +151,14 @@ def summarise(run: Run, compute_s: float, ddp: Run) -> dict:
                 "bytes": nan, "x_bytes": nan, "target_loss": TARGET_X * ddp.result.final_test_loss,
                 **{f"t_{n}": math.inf for n in NETS}, **{f"total_{n}": nan for n in NETS},
                 "wall_s": nan, "compute_s": nan, "rollback_rate": nan, "wasted": nan, "p_mean": nan,
-                "diverged": run.error, "_evals": pd.DataFrame(columns=["step", "test_loss"]),
-                "_sim_wan": np.zeros(0)}
+                "diverged": run.error, "_result": None, "_compute_s": compute_s}
     b = r.bytes_per_worker()
     steps = len(r.history)
     target = TARGET_X * ddp.result.final_test_loss
-    hit = r.evals[r.evals["test_loss"] <= target]
     times = {}
     for net in NETS:
-        sim = r.simulated_time(net, compute_s)
-        times[f"t_{net}"] = float(sim[int(hit["step"].iloc[0])]) if len(hit) else math.inf
-        times[f"total_{net}"] = float(sim[-1])
-        if net == "wan":
-            times["_sim_wan"] = sim
+        times[f"t_{net}"] = float(r.time_to(target, net, compute_s))  # inf: never reached
+        times[f"total_{net}"] = float(r.simulated_time(net, compute_s)[-1])
     return {
         "task": run.task, "method": run.method, "config": run.label, "seed": run.seed,
         "loss": r.final_test_loss, "accuracy": float(r.evals["test_accuracy"].iloc[-1]),
@@ -175,7 +170,7 @@ def summarise(run: Run, compute_s: float, ddp: Run) -> dict:
         "rollback_rate": r.rollback_rate(),
         "wasted": float(r.history["recomputes"].sum()) / (steps * r.workers),
         "p_mean": float(np.mean(r.p)) if r.p.size else 0.0,
-        "diverged": "", "_evals": r.evals,
+        "diverged": "", "_result": r, "_compute_s": compute_s,
     }
 
 
@@ -315,17 +310,17 @@ def looser(report: pd.DataFrame, chosen: dict[str, dict[str, str]], factors=(1.1
                 for seed in sorted(report.seed.unique()):
                     runs = {m: report[(report.task == task) & (report.method == m) & (report.config == ch[m])
                                       & (report.seed == seed)].iloc[0] for m in ("ddp", method)}
-                    t = [_time_to(runs[m]["_evals"], runs[m]["_sim_wan"], f * runs["ddp"]["loss"])
-                         for m in ("ddp", method)]
+                    t = [_time_to(runs[m], f * runs["ddp"]["loss"]) for m in ("ddp", method)]
                     xs.append(t[0] / t[1])
                 row[f"x_wan@{f:g}"] = float(np.mean(xs))
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _time_to(evals: pd.DataFrame, sim: np.ndarray, target: float) -> float:
-    hit = evals[evals["test_loss"] <= target]
-    return float(sim[int(hit["step"].iloc[0])]) if len(hit) else math.inf
+def _time_to(row: pd.Series, target: float) -> float:
+    """WAN seconds for a report row's run to reach ``target`` (inf: never, or it diverged)."""
+    r = row["_result"]
+    return math.inf if r is None else float(r.time_to(target, "wan", row["_compute_s"]))
 
 
 def targets(table: pd.DataFrame, eq: pd.DataFrame) -> pd.DataFrame:
@@ -362,7 +357,7 @@ def targets(table: pd.DataFrame, eq: pd.DataFrame) -> pd.DataFrame:
 # ================================================================================ cross-check
 def cross_check(candidates: list[Candidate], workers: int, steps: int) -> pd.DataFrame:
     """The same runs simulated in one process and on ``workers`` real gloo processes."""
-    task = sp.digits_task(workers=workers, alpha=ALPHA, seed=0)
+    task = sp.tasks.digits_task(workers=workers, alpha=ALPHA, seed=0)
     tc = TrainConfig(lr=0.1, momentum=0.9, batch_size=64, steps=steps, seed=0)
     rows = []
     for c in tqdm(candidates, desc=f"gloo cross-check K={workers}", leave=False):
@@ -505,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     cc_workers, cc_steps = (2, 40) if quick else (4, 60)
     digits_ours = next(c for c in grid(specs[0].steps, quick) if c.method == "ours" and c.label == chosen["digits"]["ours"])
-    cc = cross_check([Candidate("ddp", "every step", sp.ddp()), Candidate("local_sgd", "P=8", sp.local_sgd(8)),
+    cc = cross_check([Candidate("ddp", "every step", sp.baselines.ddp()), Candidate("local_sgd", "P=8", sp.baselines.local_sgd(8)),
                       digits_ours], cc_workers, cc_steps)
     t_cc = time.perf_counter() - t0
     print(f"\n== Simulator against real gloo: digits, K={cc_workers}, {cc_steps} steps ({t_cc:.0f} s) ==")
@@ -539,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
            "tasks": [{"name": s.name, "lr": s.lr, "momentum": 0.9, "batch_size": s.batch_size, "steps": s.steps,
                       "eval_every": s.eval_every, "compute_s": compute_s[s.name]} for s in specs],
            "chosen": chosen, "table": table.to_dict(orient="records"),
-           "configs": sweep.to_dict(orient="records"), "runs": frame.drop(columns=["_evals", "_sim_wan"]).to_dict(orient="records"),
+           "configs": sweep.to_dict(orient="records"), "runs": frame.drop(columns=["_result", "_compute_s"]).to_dict(orient="records"),
            "wan_looser_targets": lo.to_dict(orient="records"),
            "equal_bytes": eq.to_dict(orient="records"), "cross_check": cc.to_dict(orient="records"),
            "targets": tg.to_dict(orient="records"), "plot": str(html),

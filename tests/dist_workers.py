@@ -131,7 +131,9 @@ def speculative_jobs(rank: int, world_size: int, task, jobs: list[tuple]) -> lis
 
     Each result also says how many bytes went through ``dist.all_reduce`` while the job ran.
     """
-    from adaptive_kit.speculative import DistComm, torch_worker, train, worker
+    from adaptive_kit.speculative import train, worker
+    from adaptive_kit.speculative.baselines import torch_worker
+    from adaptive_kit.speculative.comm import DistComm
 
     out = []
     for kind, *args in jobs:
@@ -162,7 +164,9 @@ def speculative_fails(rank: int, world_size: int, task, train_config, bad_rank: 
                       marker_dir: str) -> None:
     """Rank ``bad_rank`` raises (``how="raise"``) or hangs (``"hang"``) after its second step of
     DDP-style training; the others wait for it in the next gradient all-reduce."""
-    from adaptive_kit.speculative import DistComm, ddp, train
+    from adaptive_kit.speculative import train
+    from adaptive_kit.speculative.baselines import ddp
+    from adaptive_kit.speculative.comm import DistComm
 
     def on_step(step, engine):
         if rank == bad_rank and step == 1:

@@ -24,9 +24,9 @@ from adaptive_kit.training import TrainConfig
 
 TRAIN = TrainConfig(lr=0.05, momentum=0.9, batch_size=16, steps=29)
 TRAIN27 = replace(TRAIN, steps=27)  # post-local SGD (4, 10) averages after 10, 14, 18, 22, 26
-SPEC = sp.speculative(period=4, reconcile_threshold=0.9)  # under the workers' own spread: rolls back
-NAN_SGD = sp.local_sgd(4)  # worker 1 poisoned after step 5: caught by the average after step 8
-NAN_DDP = replace(sp.ddp(), health_every=4)  # caught in the gradient all-reduce of step 6
+SPEC = sp.baselines.speculative(period=4, reconcile_threshold=0.9)  # under the workers' own spread: rolls back
+NAN_SGD = sp.baselines.local_sgd(4)  # worker 1 poisoned after step 5: caught by the average after step 8
+NAN_DDP = replace(sp.baselines.ddp(), health_every=4)  # caught in the gradient all-reduce of step 6
 
 
 def start(fn, world: int, args: tuple, timeout_s: float = 120):
@@ -42,14 +42,14 @@ def poison(rank: int, at: int):
 
 @pytest.fixture(scope="module")
 def task2() -> sp.Task:
-    return sp.digits_task(2, 0.5)
+    return sp.tasks.digits_task(2, 0.5)
 
 
 @pytest.fixture(scope="module")
 def sim2(task2) -> dict[str, sp.RunResult]:
     """The same runs simulated in this process (which also warms it up before the forks)."""
-    return {"ddp": sp.train(task2, sp.ddp(), TRAIN), "local_sgd": sp.train(task2, sp.local_sgd(4), TRAIN),
-            "post_local_sgd": sp.train(task2, sp.post_local_sgd(4, 10), TRAIN27),
+    return {"ddp": sp.train(task2, sp.baselines.ddp(), TRAIN), "local_sgd": sp.train(task2, sp.baselines.local_sgd(4), TRAIN),
+            "post_local_sgd": sp.train(task2, sp.baselines.post_local_sgd(4, 10), TRAIN27),
             "spec": sp.train(task2, SPEC, TRAIN),
             "nan_sgd": sp.train(task2, NAN_SGD, TRAIN, on_step=poison(1, 5)),
             "nan_ddp": sp.train(task2, NAN_DDP, TRAIN, on_step=poison(1, 5))}
@@ -58,7 +58,7 @@ def sim2(task2) -> dict[str, sp.RunResult]:
 @pytest.fixture(scope="module")
 def k2(task2, sim2) -> dict[str, list[dict]]:
     """Every K=2 job, per job name a list by rank."""
-    jobs = {"ddp": ("ours", sp.ddp(), TRAIN, -1, -1),
+    jobs = {"ddp": ("ours", sp.baselines.ddp(), TRAIN, -1, -1),
             "torch_ddp": ("torch", "ddp", TRAIN, 1, 0),
             "torch_local_sgd": ("torch", "local_sgd", TRAIN, 4, 0),
             "torch_post_local_sgd": ("torch", "post_local_sgd", TRAIN27, 4, 10),
@@ -72,9 +72,9 @@ def k2(task2, sim2) -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def k3() -> tuple[dict[str, sp.RunResult], dict[str, list[dict]]]:
-    task = sp.digits_task(3, 0.5, hidden=(32, 32))
-    sim = {"spec": sp.train(task, SPEC, TRAIN), "ddp": sp.train(task, sp.ddp(), TRAIN)}
-    jobs = {"spec": ("worker", SPEC, TRAIN), "ddp": ("ours", sp.ddp(), TRAIN, -1, -1),
+    task = sp.tasks.digits_task(3, 0.5, hidden=(32, 32))
+    sim = {"spec": sp.train(task, SPEC, TRAIN), "ddp": sp.train(task, sp.baselines.ddp(), TRAIN)}
+    jobs = {"spec": ("worker", SPEC, TRAIN), "ddp": ("ours", sp.baselines.ddp(), TRAIN, -1, -1),
             "torch_ddp": ("torch", "ddp", TRAIN, 1, 0)}
     out = start(dist_workers.speculative_jobs, 3, (task, list(jobs.values())))
     return sim, {name: [ranks[i] for ranks in out] for i, name in enumerate(jobs)}

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..checks import check_int
+
 KINDS = ("grad", "weights", "control", "repair", "eval")
 
 
@@ -84,9 +86,7 @@ class SimComm(_Comm):
 
     def __init__(self, world: int, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        if isinstance(world, bool) or not isinstance(world, int) or world < 1:
-            raise ValueError(f"workers (K) must be an int >= 1, got {world!r}")
-        self.world = world
+        self.world = check_int("workers (K)", world, 1)
         self.ranks = torch.arange(world, device=device)
 
     def start_sum(self, buf: torch.Tensor, *, step: int, kind: str, control: int = 0,

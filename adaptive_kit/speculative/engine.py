@@ -2,7 +2,7 @@
 
 Every worker holds the model as one flat parameter vector; a process holds W of them as rows
 of a (W, N) tensor (W = K when :class:`~.comm.SimComm` simulates all workers in one process,
-W = 1 under torch.distributed) and runs forward and backward for all its rows at once with
+W = 1 under torch.distributed; the engine calls K ``n_workers``, W ``n_local``) and runs forward and backward for all its rows at once with
 ``torch.func.vmap``. Each step:
 
 1. if a weight average launched last step is still in flight, compute on the local
@@ -32,6 +32,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import check_int, check_number
+from ..devices import pick_device, rank_generator
 from ..training import TrainConfig
 from .comm import SimComm, _Comm
 from .model import FlatModel, Task, region_index
@@ -41,7 +43,7 @@ from .result import RunResult
 
 
 @dataclass(frozen=True)
-class SpecConfig:
+class SpeculativeConfig:
     """How regions speculate and synchronise. The presets in :mod:`.baselines` set these."""
 
     manager: ManagerConfig = ManagerConfig()  # the Region Manager's thresholds
@@ -66,81 +68,75 @@ class SpecConfig:
     def __post_init__(self) -> None:
         for name, lo in (("period", 1), ("control_every", 0), ("warmup", 0), ("sketch", 1),
                          ("health_every", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"SpecConfig.{name} must be an int >= {lo}, got {v!r}")
-        if not self.reconcile_threshold >= 0:
-            raise ValueError(f"SpecConfig.reconcile_threshold must be >= 0, got {self.reconcile_threshold!r}")
-        if not 0 < self.outer_lr <= 2:
-            raise ValueError(f"SpecConfig.outer_lr must be in (0, 2], got {self.outer_lr!r}")
-        if not 0 <= self.drift_correction <= 1:
-            raise ValueError(f"SpecConfig.drift_correction must be in [0, 1], got {self.drift_correction!r}")
-        if not 0 <= self.outer_momentum < 1:
-            raise ValueError(f"SpecConfig.outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
+            check_int(f"SpeculativeConfig.{name}", getattr(self, name), lo)
+        check_number("SpeculativeConfig.reconcile_threshold", self.reconcile_threshold, 0)
+        check_number("SpeculativeConfig.outer_lr", self.outer_lr, 0, 2, open_low=True)
+        check_number("SpeculativeConfig.drift_correction", self.drift_correction, 0, 1)
+        check_number("SpeculativeConfig.outer_momentum", self.outer_momentum, 0, 1, open_high=True)
         profile(self.network)
-        if not self.step_compute_s > 0:
-            raise ValueError(f"SpecConfig.step_compute_s must be > 0, got {self.step_compute_s!r}")
+        check_number("SpeculativeConfig.step_compute_s", self.step_compute_s, 0, open_low=True)
         if self.adaptive and self.control_every == 0:
-            raise ValueError("SpecConfig: adaptive=True needs control_every >= 1")
+            raise ValueError("SpeculativeConfig: adaptive=True needs control_every >= 1")
         if isinstance(self.regions, str) and self.regions not in ("layer", "param"):
-            raise ValueError(f"SpecConfig.regions={self.regions!r}: expected 'layer', 'param' or a mapping")
+            raise ValueError(f"SpeculativeConfig.regions={self.regions!r}: expected 'layer', 'param' or a mapping")
 
 
 class Engine:
     """The training state of the workers in this process and one step of the algorithm."""
 
-    def __init__(self, task: Task, config: SpecConfig, train: TrainConfig, comm: _Comm,
+    def __init__(self, task: Task, config: SpeculativeConfig, train_config: TrainConfig, comm: _Comm,
                  device: torch.device) -> None:
         if task.workers != comm.world:
             raise ValueError(f"task has {task.workers} shards for {comm.world} workers")
-        self.task, self.cfg, self.train, self.comm, self.device = task, config, train, comm, device
-        torch.manual_seed(train.seed)  # same initial weights on every worker
+        self.task, self.cfg, self.train_config, self.comm, self.device = task, config, train_config, comm, device
+        torch.manual_seed(train_config.seed)  # same initial weights on every worker
         self.model = FlatModel(task.build().to(device), task.loss, "accuracy" in task.metrics)
-        self.K, self.W = comm.world, comm.local
-        self.theta = self.model.flat().to(device).expand(self.W, -1).clone()  # (W, N)
+        self.n_workers, self.n_local = comm.world, comm.local  # all workers; rows held here
+        self.theta = self.model.flat().to(device).expand(self.n_local, -1).clone()  # (W, N)
         self.mom = torch.zeros_like(self.theta)
         self.corr = torch.zeros_like(self.theta) if config.drift_correction else None
         names, self.region_of = region_index(self.model.names, self.model.sizes, config.regions)
         self.region_of = self.region_of.to(device)
-        self.R = len(names)
-        g = torch.Generator().manual_seed(train.seed + 1)  # identical on every worker
+        self.n_regions = len(names)
+        g = torch.Generator().manual_seed(train_config.seed + 1)  # identical on every worker
         order = torch.empty(self.model.n)
-        for r in range(self.R):  # a fixed random order inside each region: p selects a prefix
+        for r in range(self.n_regions):  # a fixed random order inside each region: p selects a prefix
             idx = (self.region_of == r).nonzero().squeeze(1).cpu()
             order[idx] = torch.randperm(len(idx), generator=g).float() / len(idx)
         self.order = order.to(device)
         m = config.sketch
         self.bucket = (self.region_of * m + torch.randint(0, m, (self.model.n,), generator=g).to(device))
         self.sign = (torch.randint(0, 2, (self.model.n,), generator=g).float() * 2 - 1).to(device)
-        sizes = np.bincount(self.region_of.cpu().numpy(), minlength=self.R)
-        global_ok = ring_allreduce_s(4.0 * sizes, self.K, profile(config.network)) <= config.step_compute_s
+        sizes = np.bincount(self.region_of.cpu().numpy(), minlength=self.n_regions)
+        global_ok = ring_allreduce_s(4.0 * sizes, self.n_workers, profile(config.network)) <= config.step_compute_s
         self.manager = RegionManager(names, config.manager, global_ok)
-        self.p = np.zeros(self.R) if config.warmup else self.manager.p.copy()
+        self.p = np.zeros(self.n_regions) if config.warmup else self.manager.p.copy()
         self.base_period = config.period
         self.drift_stats = config.adaptive or config.speculate  # fixed schedules send no drift evidence
-        self.period = np.full(self.R, config.period)
-        self.force = np.zeros(self.R, dtype=bool)  # average at the next step whatever the schedule
-        self.last_sync = np.full(self.R, config.warmup - 1)  # step after which the region was last averaged
+        self.period = np.full(self.n_regions, config.period)
+        self.force = np.zeros(self.n_regions, dtype=bool)  # average at the next step whatever the schedule
+        self.last_sync = np.full(self.n_regions, config.warmup - 1)  # step after which the region was last averaged
         self.anchor = self.theta[0].clone()  # last global weights (DiLoCo's outer optimiser)
         self.outer_buf = torch.zeros_like(self.anchor)
         self.pending: dict | None = None
         self.p_target: np.ndarray | None = None
         self.loss0 = 0.0
         self.ctrl_wanted = False
-        self._seen = torch.zeros(self.K, dtype=torch.bool, device=device)  # flagged since last check
+        self._seen = torch.zeros(self.n_workers, dtype=torch.bool, device=device)  # flagged since last check
         self._flag_log: list[tuple[int, str, torch.Tensor]] = []
         self._last_rollbacks = self._last_reconciled = 0
         self.alarms: list[dict] = []
         self.ranks = comm.ranks.tolist()
-        self.gens = [torch.Generator().manual_seed(train.seed * 100_003 + r) for r in self.ranks]
+        self.gens = [rank_generator(train_config.seed, r) for r in self.ranks]
         self._masks()
 
     # -- masks -----------------------------------------------------------------------------
     def _masks(self) -> None:
         p = torch.as_tensor(self.p, dtype=torch.float32, device=self.device)
-        self.spec = self.order < p[self.region_of]  # (N,) True = trains on local weights
-        self.gidx = (~self.spec).nonzero().squeeze(1)
-        self.sidx = [(self.spec & (self.region_of == r)).nonzero().squeeze(1) for r in range(self.R)]
+        self.speculative_mask = self.order < p[self.region_of]  # (N,) True = trains on local weights
+        self.global_index = (~self.speculative_mask).nonzero().squeeze(1)  # weights averaged every step
+        self.speculative_index = [(self.speculative_mask & (self.region_of == r)).nonzero().squeeze(1)
+                                  for r in range(self.n_regions)]  # per region: its speculative weights
 
     def _set_p(self, new_p: np.ndarray, step: int) -> None:
         """Grow speculation at once; shrink it only at the region's next average (forced now)."""
@@ -158,7 +154,7 @@ class Engine:
         xs, ys = [], []
         for r, gen in zip(self.ranks, self.gens):
             x, y = self.task.shards[r]
-            i = torch.randint(0, len(x), (self.train.batch_size,), generator=gen)
+            i = torch.randint(0, len(x), (self.train_config.batch_size,), generator=gen)
             xs.append(x[i])
             ys.append(y[i])
         return torch.stack(xs).to(self.device), torch.stack(ys).to(self.device)
@@ -169,8 +165,8 @@ class Engine:
 
     def _flags(self, buf: torch.Tensor) -> torch.Tensor:
         """(W, K) one-hot of this process's rows whose ``buf`` row is not finite."""
-        flags = torch.zeros(self.W, self.K, device=self.device)
-        flags[torch.arange(self.W, device=self.device), self.comm.ranks] = self._bad_rows(buf).float()
+        flags = torch.zeros(self.n_local, self.n_workers, device=self.device)
+        flags[torch.arange(self.n_local, device=self.device), self.comm.ranks] = self._bad_rows(buf).float()
         return flags
 
     def _start(self, buf: torch.Tensor, step: int, kind: str, control: int, overlapped: bool):
@@ -178,7 +174,7 @@ class Engine:
         flags = self._flags(buf)
         clean = torch.where(flags.sum(1, keepdim=True) > 0, 0.0, buf)
         return self.comm.start_sum(torch.cat([clean, flags], 1), step=step, kind=kind,
-                                   control=control + self.K, overlapped=overlapped)
+                                   control=control + self.n_workers, overlapped=overlapped)
 
     def _healthy_mean(self, buf: torch.Tensor, summed: torch.Tensor, step: int, kind: str) -> torch.Tensor:
         """Mean over the healthy workers of ``buf`` (W, n), from its flagged sum, on device.
@@ -186,10 +182,10 @@ class Engine:
         A flagged worker contributed zeros, so it never reaches the average; the flags are kept
         on device and read at the next :meth:`_check_health`, not now (no host sync per step).
         """
-        flags = summed[0, -self.K:] > 0
+        flags = summed[0, -self.n_workers:] > 0
         self._flag_log.append((step, kind, flags))
         self._seen = self._seen | flags
-        return summed[:, : buf.shape[1]] / (self.K - flags.sum()).clamp_min(1)
+        return summed[:, : buf.shape[1]] / (self.n_workers - flags.sum()).clamp_min(1)
 
     def _check_health(self, step: int) -> None:
         """Report flagged workers and give them the healthy workers' mean weights and momentum.
@@ -225,12 +221,12 @@ class Engine:
     # -- reconciliation ----------------------------------------------------------------------
     def _launch(self, step: int, due: np.ndarray, overlapped: bool, ctrl: torch.Tensor | None = None) -> None:
         regions = np.flatnonzero(due)
-        idx = torch.cat([self.sidx[r] for r in regions])
-        seg = torch.cat([torch.full((len(self.sidx[r]),), i, device=self.device)
+        idx = torch.cat([self.speculative_index[r] for r in regions])
+        seg = torch.cat([torch.full((len(self.speculative_index[r]),), i, device=self.device)
                          for i, r in enumerate(regions)])
         parts = [self.theta[:, idx]]
         if self.drift_stats:  # each worker's squared update per region: the manager's drift evidence
-            parts.append(torch.zeros(self.W, len(regions), device=self.device).index_add_(
+            parts.append(torch.zeros(self.n_local, len(regions), device=self.device).index_add_(
                 1, seg, (self.theta[:, idx] - self.anchor[idx]) ** 2))
         payload = torch.cat(parts + ([] if ctrl is None else [ctrl]), 1)
         n_ctrl = payload.shape[1] - len(idx)
@@ -250,7 +246,7 @@ class Engine:
         mean = self._healthy_mean(pend["payload"], pend["handle"].wait(), pend["step"], "weights")
         mean_w = mean[0, :n]
         local = self.theta[:, idx]  # what this step computed with
-        d2 = torch.zeros(self.W, nr, device=self.device).index_add_(1, seg, (local - mean_w) ** 2)
+        d2 = torch.zeros(self.n_local, nr, device=self.device).index_add_(1, seg, (local - mean_w) ** 2)
         # the layer's own scale: its workers' usual spread per step, from earlier averages (all-reduced,
         # so every rank holds the same); none yet (NaN) rolls nobody back, unless the threshold is 0
         kappa = self.cfg.reconcile_threshold
@@ -265,7 +261,7 @@ class Engine:
         if nu:  # and today's spread: a worker rolls back only as an outlier against both
             usual = torch.maximum(usual * steps, (u2 - prog).clamp_min(0))
         roll = ~(d2 <= kappa * kappa * usual) if kappa > 0 else torch.ones_like(d2, dtype=torch.bool)
-        redo = roll.any(1) if computed else torch.zeros(self.W, dtype=torch.bool, device=self.device)
+        redo = roll.any(1) if computed else torch.zeros(self.n_local, dtype=torch.bool, device=self.device)
         # outer step on the pseudo-gradient anchor - mean (lr 1, momentum 0: plain averaging)
         delta = self.anchor[idx] - mean_w
         self.outer_buf[idx] = self.cfg.outer_momentum * self.outer_buf[idx] + delta
@@ -279,36 +275,36 @@ class Engine:
             # own update minus the averaged one, per step (momentum's gain 1 / (1 - momentum) taken out)
             per_step = torch.as_tensor(1.0 / np.maximum(pend["steps"], 1), dtype=torch.float32,
                                        device=self.device)[seg]
-            self.corr[:, idx] = (self.cfg.drift_correction * (1 - self.train.momentum) / self.train.lr
+            self.corr[:, idx] = (self.cfg.drift_correction * (1 - self.train_config.momentum) / self.train_config.lr
                                  * drift * per_step)
         if pend["n_ctrl"] > nu:
             self._apply_control(mean[0, n + nu:], step)
         target = self.p_target
         if target is not None and (target[regions] < self.p[regions]).any():
             self.p[regions] = np.minimum(self.p[regions], target[regions])
-            was = self.spec
+            was = self.speculative_mask
             self._masks()
             # weights turning Global were just averaged, but their local momentum differs per
             # worker: left alone, the same averaged gradient would move them apart again
-            self.mom[:, was & ~self.spec] = 0.0
+            self.mom[:, was & ~self.speculative_mask] = 0.0
         if computed:
             self._last_rollbacks = int(ev[2 * nu:].sum())
-            self._last_reconciled = nr * self.W
+            self._last_reconciled = nr * self.n_local
         return redo
 
     # -- one step --------------------------------------------------------------------------
     def _control(self, loss: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Per worker: count sketch of the gradient per region, its squared norm, the loss."""
         m = self.cfg.sketch
-        s = torch.zeros(self.W, self.R * m, device=self.device).index_add_(1, self.bucket, g * self.sign)
-        s2 = s.view(self.W, self.R, m).pow(2).sum(2)
+        s = torch.zeros(self.n_local, self.n_regions * m, device=self.device).index_add_(1, self.bucket, g * self.sign)
+        s2 = s.view(self.n_local, self.n_regions, m).pow(2).sum(2)
         return torch.cat([s, s2, loss[:, None]], 1)
 
     def _apply_control(self, c: torch.Tensor, t: int) -> None:
         """Feed the workers' mean control vector to the Region Manager and the schedule."""
         self.ctrl_wanted = False
         cfg, m = self.cfg, self.cfg.sketch
-        stats = self.manager.observe(c[: self.R * m].view(self.R, m), c[self.R * m: self.R * m + self.R],
+        stats = self.manager.observe(c[: self.n_regions * m].view(self.n_regions, m), c[self.n_regions * m: self.n_regions * m + self.n_regions],
                                      float(c[-1]))
         if cfg.adaptive:
             self._set_p(self.manager.decide(stats), t)
@@ -342,20 +338,20 @@ class Engine:
         on_time = (t >= cfg.warmup) & ((t - cfg.warmup) % self.period == 0)
         if self.corr is not None:
             g = g - self.corr
-        due = (on_time | self.force) & np.array([len(s) > 0 for s in self.sidx])
-        ng = len(self.gidx)
+        due = (on_time | self.force) & np.array([len(s) > 0 for s in self.speculative_index])
+        ng = len(self.global_index)
         ctrl = self._control(loss, g) if self.ctrl_wanted and (ng or due.any()) else None
         if ng:
-            buf = g[:, self.gidx] if ctrl is None else torch.cat([g[:, self.gidx], ctrl], 1)
+            buf = g[:, self.global_index] if ctrl is None else torch.cat([g[:, self.global_index], ctrl], 1)
             n_ctrl = 0 if ctrl is None else ctrl.shape[1]
             # a gradient all-reduce overlaps the backward pass, as DDP's buckets do
             mean = self._healthy_mean(buf, self._start(buf, t, "grad", n_ctrl, True).wait(), t, "grad")
-            g[:, self.gidx] = mean[:, :ng]
+            g[:, self.global_index] = mean[:, :ng]
             if ctrl is not None:
                 self._apply_control(mean[0, ng:], t)
                 ctrl = None
-        self.mom.mul_(self.train.momentum).add_(g)
-        self.theta.sub_(self.train.lr * self.mom)
+        self.mom.mul_(self.train_config.momentum).add_(g)
+        self.theta.sub_(self.train_config.lr * self.mom)
         if reconciled or t % cfg.health_every == cfg.health_every - 1:
             self._check_health(t)  # at steps every rank shares: reconciliations and a fixed beat
         if due.any():
@@ -366,33 +362,36 @@ class Engine:
 
     def average(self, step: int) -> torch.Tensor:
         """The workers' averaged weights (N,), for evaluation (logged as ``eval`` traffic)."""
-        if self.W == self.K and isinstance(self.comm, SimComm):
+        if self.n_local == self.n_workers and isinstance(self.comm, SimComm):
             self.comm._record(self.theta, step, "eval", 0, False)
             return self.theta.mean(0)
-        return self.comm.all_sum(self.theta, step=step, kind="eval")[0] / self.K
+        return self.comm.all_sum(self.theta, step=step, kind="eval")[0] / self.n_workers
 
     def finish(self, step: int) -> None:
         """Reconcile what is in flight, then average every speculative weight: one consensus model."""
-        done = np.zeros(self.R, dtype=bool)
+        done = np.zeros(self.n_regions, dtype=bool)
         if self.pending is not None:
             done[self.pending["regions"]] = True  # already one model: a second average would only
             self._reconcile(step, computed=False)  # cost bytes (and, with outer momentum, move it)
         self._check_health(step)
-        due = np.array([len(s) > 0 for s in self.sidx]) & ~done
+        due = np.array([len(s) > 0 for s in self.speculative_index]) & ~done
         if due.any():
             self._launch(step, due, overlapped=False)
             self._reconcile(step, computed=False)
 
 
-def train(task: Task, config: SpecConfig = SpecConfig(), train: TrainConfig = TrainConfig(), *,
+def train(task: Task, config: SpeculativeConfig = SpeculativeConfig(), train_config: TrainConfig = TrainConfig(), *,
           comm: _Comm | None = None, device: torch.device | str | None = None, eval_every: int = 10,
           method: str = "speculative", on_step: Callable[[int, Engine], bool | None] | None = None,
           progress: bool = False) -> RunResult:
     """Train ``task`` over its workers with ``config``; return the :class:`RunResult`.
 
     Args:
+        train_config: steps, batch size, learning rate, momentum and seed of every worker.
         comm: ``SimComm(K)`` (default: all K workers in this process) or ``DistComm()`` inside a
             worker started by :func:`adaptive_kit.distributed.launch` or ``torchrun``.
+        device: where the workers' weights live; default :func:`adaptive_kit.pick_device`
+            (CUDA when present, else CPU).
         eval_every: steps between test evaluations of the averaged model (and after the last).
         on_step: called after every step with ``(step, engine)``; return True to stop early.
 
@@ -400,20 +399,19 @@ def train(task: Task, config: SpecConfig = SpecConfig(), train: TrainConfig = Tr
         ValueError: an argument is invalid (the message names it).
         FloatingPointError: every worker went non-finite at once.
     """
-    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
-        raise ValueError(f"eval_every must be an int >= 1, got {eval_every!r}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    check_int("eval_every", eval_every, 1)
+    device = pick_device(device)
     comm = comm or SimComm(task.workers, device)
-    eng = Engine(task, config, train, comm, device)
+    eng = Engine(task, config, train_config, comm, device)
     xt, yt = task.test[0].to(device), task.test[1].to(device)
     compute_s = _calibrate(eng)
-    steps = train.steps
+    steps = train_config.steps
     losses = torch.zeros(steps, device=device)
     redo_n = torch.zeros(steps, device=device)
     tagged = np.zeros(steps, dtype=bool)
     rollbacks = np.zeros(steps, dtype=int)
     reconciled = np.zeros(steps, dtype=int)
-    p_hist = np.zeros((steps, eng.R))
+    p_hist = np.zeros((steps, eng.n_regions))
     evals = []
     t0 = time.perf_counter()
     last = steps - 1
@@ -444,7 +442,7 @@ def train(task: Task, config: SpecConfig = SpecConfig(), train: TrainConfig = Tr
                                 rollbacks=rollbacks[:n], reconciled=reconciled[:n],
                                 recomputes=redo_n[:n].cpu().numpy().astype(int),
                                 payload_bytes=step_bytes[:, 0], control_bytes=step_bytes[:, 1]))
-    return RunResult(method, eng.K, eng.manager.names, history,
+    return RunResult(method, eng.n_workers, eng.manager.names, history,
                      pd.DataFrame(evals, columns=["step", "test_loss", "test_accuracy"]), p_hist[:n], log,
                      compute_s, wall, eng.alarms, eng.theta[0].cpu())
 
@@ -465,16 +463,19 @@ def _calibrate(eng: Engine, warmup: int = 3, reps: int = 7) -> float:
     return float(min(times[warmup:]))
 
 
-def worker(rank: int, world: int, task: Task, config: SpecConfig, train_config: TrainConfig,
-           eval_every: int = 10, method: str = "speculative") -> RunResult:
+def worker(rank: int, world: int, task: Task, config: SpeculativeConfig, train_config: TrainConfig,
+           eval_every: int = 10, method: str = "speculative",
+           device: torch.device | str | None = None) -> RunResult:
     """One rank of :func:`train` under torch.distributed (for ``launch`` or ``torchrun``).
 
     ``adaptive_kit.distributed.launch(worker, K, (task, config, train_config))`` trains with real
     collectives (gloo on CPU, nccl on GPUs) and returns every rank's :class:`RunResult`.
+    ``device`` defaults to the process group's: this rank's GPU under nccl, else the CPU (what
+    :func:`adaptive_kit.pick_device` gives a process that holds one GPU or none).
     """
     from ..distributed import worker_device
     from .comm import DistComm
 
-    device = worker_device()
+    device = worker_device() if device is None else pick_device(device)
     return train(task, config, train_config, comm=DistComm(device), device=device,
                  eval_every=eval_every, method=method)

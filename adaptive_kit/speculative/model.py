@@ -103,11 +103,11 @@ def region_index(names: list[str], sizes: list[int],
         seen = [p for ps in groups.values() for p in ps]
         unknown = sorted(set(seen) - set(names))
         if unknown:
-            raise ValueError(f"SpecConfig.regions names unknown parameters {unknown}; the model has {names}")
+            raise ValueError(f"SpeculativeConfig.regions names unknown parameters {unknown}; the model has {names}")
         missing = [n for n in names if n not in seen]
         twice = sorted({p for p in seen if seen.count(p) > 1})
         if missing or twice:
-            raise ValueError(f"SpecConfig.regions must put every parameter in exactly one region: "
+            raise ValueError(f"SpeculativeConfig.regions must put every parameter in exactly one region: "
                              f"missing {missing}, repeated {twice}")
     owner = {p: i for i, ps in enumerate(groups.values()) for p in ps}
     region_of = torch.cat([torch.full((s,), owner[n], dtype=torch.int64) for n, s in zip(names, sizes)])

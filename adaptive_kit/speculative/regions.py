@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..checks import check_int, check_number
+
 FULL, HYBRID, GLOBAL = "full", "hybrid", "global"
 STATE_CODE = {GLOBAL: 0, HYBRID: 1, FULL: 2}
 
@@ -56,24 +58,17 @@ class ManagerConfig:
 
     def __post_init__(self) -> None:
         for name in ("hurt", "loosen"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0 < v < np.inf):
-                raise ValueError(f"ManagerConfig.{name} must be a finite number > 0, got {v!r}")
+            check_number(f"ManagerConfig.{name}", getattr(self, name), 0, open_low=True)
         if not self.loosen < self.hurt:
             raise ValueError(f"ManagerConfig.loosen must be < hurt, got loosen={self.loosen!r} hurt={self.hurt!r}")
-        if not 0.0 <= self.initial_p <= 1.0:
-            raise ValueError(f"ManagerConfig.initial_p must be in [0, 1], got {self.initial_p!r}")
-        if not 0.0 < self.p_step <= 1.0:
-            raise ValueError(f"ManagerConfig.p_step must be in (0, 1], got {self.p_step!r}")
-        for name, lo in (("max_period", 1), ("global_dwell", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"ManagerConfig.{name} must be an int >= {lo}, got {v!r}")
+        check_number("ManagerConfig.initial_p", self.initial_p, 0, 1)
+        check_number("ManagerConfig.p_step", self.p_step, 0, 1, open_low=True)
+        for name in ("max_period", "global_dwell"):
+            check_int(f"ManagerConfig.{name}", getattr(self, name), 1)
         if self.max_period & (self.max_period - 1):
             raise ValueError(f"ManagerConfig.max_period must be a power of two, got {self.max_period!r}")
         for name in ("fast", "slow"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"ManagerConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+            check_number(f"ManagerConfig.{name}", getattr(self, name), 0, 1, open_high=True)
 
 
 @dataclass

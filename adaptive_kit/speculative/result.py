@@ -1,13 +1,15 @@
 """What one run did, on the host: history, evaluations, region states and traffic."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .network import simulated_time
+from .regions import FULL, GLOBAL, HYBRID
 
 
 @dataclass
@@ -51,6 +53,24 @@ class RunResult:
                               self.compute_s if compute_s is None else compute_s,
                               (self.history["recomputes"] > 0).to_numpy(), net)
 
+    def bytes_at_evals(self) -> np.ndarray:
+        """Cumulative training bytes each worker had sent after every evaluation (one per row of
+        ``evals``)."""
+        sent = (self.history["payload_bytes"] + self.history["control_bytes"]).cumsum().to_numpy()
+        return sent[self.evals["step"].to_numpy()]
+
+    def tagged_outputs(self) -> tuple[int, int]:
+        """(kept, recomputed): tagged worker-step outputs kept after reconciliation, and recomputed."""
+        tagged = int(self.history["tagged"].sum()) * self.workers
+        recomputed = int(self.history["recomputes"].sum())
+        return tagged - recomputed, recomputed
+
+    def state_shares(self) -> dict[str, float]:
+        """Share of region-steps spent Global, Hybrid and Full."""
+        p = self.p
+        return {GLOBAL: float((p == 0).mean()), HYBRID: float(((p > 0) & (p < 1)).mean()),
+                FULL: float((p == 1).mean())}
+
     def time_to(self, target: float, net: str, compute_s: float | None = None) -> float:
         """Simulated seconds until the test loss first reaches ``target``; :class:`NotReached`
         (a float equal to inf that says so and names the best loss) if it never does."""
@@ -92,3 +112,10 @@ def loss_at_bytes(sweep: list[RunResult], nbytes: float) -> float:
         raise ValueError(f"loss_at_bytes(nbytes={nbytes!r}): expected > 0")
     pts = sorted((float(np.log(r.bytes_per_worker()["total"])), r.final_test_loss) for r in sweep)
     return float(np.interp(np.log(nbytes), [x for x, _ in pts], [y for _, y in pts]))
+
+
+def with_shared_compute(results: Mapping[str, RunResult]) -> dict[str, RunResult]:
+    """The runs with one shared compute time per step (the smallest measured), so that simulated
+    times differ by communication and recompute only, not by when each run's calibration ran."""
+    c = min(r.compute_s for r in results.values())
+    return {k: replace(r, compute_s=c) for k, r in results.items()}

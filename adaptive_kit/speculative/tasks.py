@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 from .. import datasets
+from ..checks import check_int
 from ..training import mlp
 from .model import Task, mse
 
 
 def _check_sizes(fn: str, **sizes: int) -> None:
     for name, v in sizes.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{fn}({name}={v!r}): expected an int >= 1")
+        check_int(f"{fn}: {name}", v, 1)
 
 
 def digits_task(workers: int = 8, alpha: float = 0.1, hidden: tuple[int, ...] = (128, 128),
