@@ -56,7 +56,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import networkx as nx
 import numpy as np
@@ -65,37 +65,27 @@ import torch
 from machine import describe, parse_args, show, write_json
 from tqdm.auto import tqdm
 
+from adaptive_kit import partition as pt
 from adaptive_kit.distributed import run as dist_run
 from adaptive_kit.partition import (
     CostModel,
-    ForecastConfig,
     best_plan,
+    compare_plans,
     emulate,
     is_valid_pipeline,
-    mase,
-    metis_parts,
     milp_bound,
     model_graph,
     partition_graph,
     plan_model,
     profile_batch,
-    repair,
-    rolling_origin,
     simulate,
-    stage_graph,
+    stage_loads,
     trace,
 )
-from adaptive_kit.partition.anchors import (
-    equal_layers,
-    gpipe_balance,
-    layer_groups,
-    parameter_balanced,
-)
-from adaptive_kit.partition.models import uneven_mlp, zoo
 
 QUICK_MODELS = ("mlp-funnel", "cnn-small", "gpt-small", "resmlp", "inception", "two-tower")
-ANCHORS: dict[str, Callable] = {"equal_layers": equal_layers, "parameter_balanced": parameter_balanced,
-                                "gpipe_balance": gpipe_balance}
+ANCHORS = {"equal_layers": "equal layers", "parameter_balanced": "parameter balanced",
+           "gpipe_balance": "GPipe balance"}  # column -> its method in partition.compare_plans
 METHODS = ("equal_layers", "parameter_balanced", "gpipe_balance", "pymetis-raw", "pymetis+repair", "ours")
 CHAIN_PREFIXES = ("mlp-", "cnn-")  # nn.Sequential models: their graphs are chains
 EXACT = 1 + 1e-6  # "1.000" on chains, to float precision
@@ -104,13 +94,6 @@ EXACT = 1 + 1e-6  # "1.000" on chains, to float precision
 def geomean(x) -> float:
     x = np.asarray(list(x), dtype=float)
     return float(np.exp(np.log(x).mean())) if len(x) else math.nan
-
-
-def loads(g: nx.DiGraph, stage_of: dict[str, int], k: int, cost: str = "cost_s") -> np.ndarray:
-    out = np.zeros(k)
-    for v, j in stage_of.items():
-        out[j] += g.nodes[v][cost]
-    return out
 
 
 @contextlib.contextmanager
@@ -136,43 +119,38 @@ def annotated_graph(model, x, reps: int) -> tuple[nx.DiGraph, CostModel]:
 
 # ================================================================================ (a) quality
 def quality(quick: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    models = zoo()
+    models = pt.models.zoo()
     names = [n for n in models if n in QUICK_MODELS] if quick else list(models)
     reps, limit = (2, 10.0) if quick else (5, 30.0)
     rows = []
     for name in tqdm(names, desc="(a) quality"):
         model, x = models[name]
         g, cm = annotated_graph(model, x, reps)
-        layers = len(layer_groups(g))
+        layers = len(pt.anchors.layer_groups(g))
         for k in (2, 4, 8):
-            with c_stdout_silenced():  # HiGHS prints solver chatter from C
-                bound = milp_bound(g, k, cost="cost_s", time_limit=limit)
+            with c_stdout_silenced():  # METIS and HiGHS print from C
+                comp = compare_plans(g, k, cost="cost_s", bound_time_s=limit)
+            bound = comp.bound
             opt = bound.best_s if bound.optimal else bound.lower_s
             row = {"model": name, "k": k, "nodes": g.number_of_nodes(), "layers": layers,
                    "chain": name.startswith(CHAIN_PREFIXES), "opt_ms": 1e3 * opt,
                    "opt": "optimal" if bound.optimal else "lower bound", "milp_s": bound.seconds,
                    "r2": cm.r2}
-            for m, fn in ANCHORS.items():
-                try:
-                    plan = fn(g, k, "cost_s")
-                except ValueError as e:
+            for m, name in ANCHORS.items():
+                if name in comp.errors:
                     row[m] = math.nan
-                    row[f"{m}_status"] = "n/a" if "layers" in str(e) else "failed"
+                    row[f"{m}_status"] = "n/a" if "layers" in comp.errors[name] else "failed"
                     continue
-                row[m] = loads(g, plan, k).max() / opt
-                row[f"{m}_status"] = "valid" if is_valid_pipeline(g, plan) else "invalid"
-            with c_stdout_silenced():
-                parts = metis_parts(g, k, cost="cost_s", seed=0)
-            cyclic = not nx.is_directed_acyclic_graph(stage_graph(g, parts))
-            row["pymetis-raw"] = loads(g, parts, k).max() / opt
-            row["pymetis-raw_status"] = "invalid" if cyclic else "valid"
-            fixed = repair(g, parts)
-            row["pymetis+repair"] = loads(g, fixed, k).max() / opt
+                row[m] = comp.loads[name].max() / opt
+                row[f"{m}_status"] = "valid" if is_valid_pipeline(g, comp.plans[name]) else "invalid"
+            parts, fixed = comp.metis_raw, comp.plans["METIS (repaired)"]
+            row["pymetis-raw"] = stage_loads(g, parts, k).max() / opt
+            row["pymetis-raw_status"] = "invalid" if comp.metis_cyclic else "valid"
+            row["pymetis+repair"] = comp.loads["METIS (repaired)"].max() / opt
             row["pymetis+repair_status"] = "valid" if is_valid_pipeline(g, fixed) else "invalid"
             row["metis_parts_used"] = len(set(parts.values()))
-            ours = best_plan(g, k, cost="cost_s")
-            row["ours"] = ours.bottleneck_s / opt
-            row["ours_status"] = "valid" if is_valid_pipeline(g, ours.stage_of) else "invalid"
+            row["ours"] = comp.best.bottleneck_s / opt
+            row["ours_status"] = "valid" if is_valid_pipeline(g, comp.plans["ours"]) else "invalid"
             rows.append(row)
     table = pd.DataFrame(rows)
     summary = []
@@ -248,7 +226,7 @@ def planning_time(quick: bool) -> pd.DataFrame:
 
 # ================================================================================ (c) operator split
 def operator_split(quick: bool) -> pd.DataFrame:
-    model, x = zoo()["gpt-small"]
+    model, x = pt.models.zoo()["gpt-small"]
     reps = 2 if quick else 5
     rows = []
     for k in tqdm((8, 4), desc="(c) operator split"):
@@ -272,8 +250,8 @@ def operator_split(quick: bool) -> pd.DataFrame:
                      "split_x_own_fair": mp.plan.bottleneck_s / (total1 / k),
                      "split_total_x": total1 / total0,
                      "top_unsplit_node": f"{top} {mp.graph.nodes[top]['cost_s'] / (total0 / k):.2f}",
-                     "measured_unsplit_x_fair": loads(m0, p0.stage_of, k, "time_s").max() / fair0,
-                     "measured_split_x_fair": loads(m1, mp.plan.stage_of, k, "time_s").max() / fair0,
+                     "measured_unsplit_x_fair": stage_loads(m0, p0.stage_of, k, "time_s").max() / fair0,
+                     "measured_split_x_fair": stage_loads(m1, mp.plan.stage_of, k, "time_s").max() / fair0,
                      "measured_replanned_x_fair": best_plan(m1, k, cost="time_s").bottleneck_s / fair0,
                      "valid": is_valid_pipeline(mp.graph, mp.plan.stage_of)})
     return pd.DataFrame(rows)
@@ -300,14 +278,14 @@ def utilisation(n: int, seed: int) -> np.ndarray:
 def forecast(quick: bool) -> pd.DataFrame:
     seeds = (0,) if quick else (0, 1, 2)
     n, start = (8 * PERIOD, 5 * PERIOD) if quick else (10 * PERIOD, 5 * PERIOD)
-    cfg = ForecastConfig(season=PERIOD, window=6 * PERIOD, refit_every=25)
+    cfg = pt.forecast.ForecastConfig(season=PERIOD, window=6 * PERIOD, refit_every=25)
     rows = []
     for seed in tqdm(seeds, desc="(d) forecast"):
         y = utilisation(n, seed)
         t0 = time.perf_counter()
-        frame = rolling_origin(y, cfg, start=start)
+        frame = pt.forecast.rolling_origin(y, cfg, start=start)
         wall = time.perf_counter() - t0
-        m1, m24 = mase(frame, y, 0), mase(frame, y, PERIOD)
+        m1, m24 = pt.forecast.mase(frame, y, 0), pt.forecast.mase(frame, y, PERIOD)
         covered = float(((frame.actual >= frame.lower) & (frame.actual <= frame.upper)).mean())
         for method in ("ets", "naive", "seasonal_naive"):
             rows.append({"seed": seed, "origins": len(frame), "method": method, "mase": m1[method],
@@ -334,7 +312,7 @@ def worst_device(g: nx.DiGraph, k: int, factor: float) -> tuple[int, float]:
 
 
 def controller(quick: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    models = zoo()
+    models = pt.models.zoo()
     names = ("resmlp",) if quick else ("resmlp", "cnn-deep", "inception", "gpt-small")
     seeds = (0,) if quick else (0, 1)
     windows, start = (30, 10) if quick else (50, 15)
@@ -372,7 +350,7 @@ def controller(quick: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 # ================================================================================ (f) simulator vs gloo
-SIM_MODEL = functools.partial(uneven_mlp, [16] + [32] * 8 + [4])  # 15 fx nodes, negligible compute
+SIM_MODEL = functools.partial(pt.models.uneven_mlp, [16] + [32] * 8 + [4])  # 15 fx nodes, negligible compute
 SIM_STEPS = 5
 
 
@@ -391,19 +369,15 @@ CALIBRATION = ("gpipe", 2, (0.04, 0.04))  # k = 2: a configuration not evaluated
 
 
 def _spec(k: int, schedule: str, micro: int, compute: tuple[float, ...]):
-    from adaptive_kit.partition.pipeline import PipelineSpec
-
     names = [n.name for n in trace(SIM_MODEL()).graph.nodes if n.op not in ("placeholder", "output")]
     stage_of = {v: min(i * k // len(names), k - 1) for i, v in enumerate(names)}
-    return PipelineSpec(model=SIM_MODEL, stage_of=stage_of, k=k, input_shape=(16,), batch=2 * micro, micro=micro,
-                        schedule=schedule, steps=SIM_STEPS, compute_s=compute)
+    return pt.pipeline.PipelineSpec(model=SIM_MODEL, stage_of=stage_of, k=k, input_shape=(16,), batch=2 * micro,
+                                    micro=micro, schedule=schedule, steps=SIM_STEPS, compute_s=compute)
 
 
 def _many(rank: int, world_size: int, specs: list) -> list[dict]:
     """Several pipeline runs on one process group (spawning is the slow part on 2 cores)."""
-    from adaptive_kit.partition.pipeline import pipeline_worker
-
-    return [pipeline_worker(rank, world_size, s) for s in specs]
+    return [pt.pipeline.pipeline_worker(rank, world_size, s) for s in specs]
 
 
 def _sim(schedule: str, micro: int, compute: tuple[float, ...], overhead: float) -> float:
@@ -423,10 +397,6 @@ def _fit_overhead(schedule: str, micro: int, compute: tuple[float, ...], measure
 
 
 def simulator_vs_gloo(quick: bool) -> tuple[pd.DataFrame, dict]:
-    try:
-        from adaptive_kit.partition import pipeline  # noqa: F401 - written alongside; may be absent
-    except Exception as e:  # noqa: BLE001
-        return pd.DataFrame(), {"status": f"unavailable: {type(e).__name__}: {e}"}
     measured: dict[tuple, float] = {}
     t0 = time.perf_counter()
     for k in tqdm((2, 4), desc="(f) gloo runs"):

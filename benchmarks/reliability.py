@@ -396,8 +396,7 @@ def bad_inputs() -> list[dict]:
     import networkx as nx
     import torch.nn as nn
 
-    from adaptive_kit.partition import milp_bound, plan_model
-    from adaptive_kit.partition.graph import TraceError
+    from adaptive_kit.partition import TraceError, milp_bound, plan_model
     g = nx.DiGraph()
     for i, c in enumerate([1.0, 2.0, 3.0]):
         g.add_node(i, time_s=c)
@@ -434,14 +433,13 @@ def bad_inputs() -> list[dict]:
 
 
 def plan_repeats(models: list[str], runs: int = 5, k: int = 4) -> list[dict]:
-    from adaptive_kit.partition import plan_model
-    from adaptive_kit.partition.models import zoo
+    from adaptive_kit import partition
     rows = []
     for name in models:
         plans = set()
         for _ in range(runs):
-            model, x = zoo()[name]
-            mp_ = plan_model(model, x, k, reps=5, split=False)
+            model, x = partition.models.zoo()[name]
+            mp_ = partition.plan_model(model, x, k, reps=5, split=False)
             plans.add(tuple(sorted(mp_.plan.stage_of.items())))
         rows.append({"check": f"plan_model({name}, k={k}) x {runs}: distinct plans", "result": len(plans),
                      "target": 1, "met": len(plans) == 1, "detail": ""})

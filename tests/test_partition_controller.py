@@ -4,16 +4,9 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from adaptive_kit.partition import (
-    Controller,
-    ControllerConfig,
-    EmulatedPipeline,
-    ForecastConfig,
-    best_plan,
-    emulate,
-    migration_seconds,
-    simulate,
-)
+from adaptive_kit.partition import ControllerConfig, EmulatedPipeline, best_plan, emulate, simulate
+from adaptive_kit.partition.controller import Controller, migration_seconds
+from adaptive_kit.partition.forecast import ForecastConfig
 
 # forecasts that repeat the last load (min_history is never reached): deviation = |load - 1|,
 # so the decision logic can be checked window by window without ETS in the loop

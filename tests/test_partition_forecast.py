@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from adaptive_kit.partition import ForecastConfig, Forecaster, mase, rolling_origin
+from adaptive_kit.partition.forecast import ForecastConfig, Forecaster, mase, rolling_origin
 
 
 def utilisation(n=300, seed=0):
@@ -54,7 +54,7 @@ def test_bad_config(kwargs, match):
 def test_bad_values():
     with pytest.raises(ValueError, match="expected a finite number"):
         Forecaster().update(float("nan"))
-    with pytest.raises(ValueError, match="h=0"):
+    with pytest.raises(ValueError, match="h must be an int >= 1, got 0"):
         Forecaster().forecast(0)
     with pytest.raises(ValueError, match="start=1"):
         rolling_origin(utilisation(20), start=1)

@@ -9,12 +9,12 @@ from torch import nn
 
 from adaptive_kit.partition import (
     TraceError,
-    boundary_bytes,
     is_valid_pipeline,
     model_graph,
     partition_chain,
     partition_graph,
 )
+from adaptive_kit.partition.plan import boundary_bytes
 
 
 class Residual(nn.Module):

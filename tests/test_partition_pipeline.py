@@ -17,15 +17,9 @@ from torch import nn
 
 from adaptive_kit.partition.graph import model_graph, trace
 from adaptive_kit.partition.models import GPT, Inception, ResMLP, TwoTower, uneven_mlp
-from adaptive_kit.partition.pipeline import (
-    PipelineSpec,
-    reference_run,
-    run_pipeline,
-    run_stages,
-    stage_modules,
-    stage_parameters,
-)
+from adaptive_kit.partition.pipeline import PipelineSpec, reference_run, run_pipeline
 from adaptive_kit.partition.plan import is_valid_pipeline, partition_graph
+from adaptive_kit.partition.stages import run_stages, stage_modules, stage_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",

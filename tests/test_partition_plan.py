@@ -14,19 +14,19 @@ from adaptive_kit.partition import (
     TraceError,
     best_plan,
     is_valid_pipeline,
-    metis_parts,
     milp_bound,
     model_graph,
     partition_chain,
     partition_graph,
     plan_model,
-    refine,
-    repair,
-    stage_graph,
+    stage_loads,
     trace,
 )
 from adaptive_kit.partition import graph as graph_module
+from adaptive_kit.partition.compare import METHODS, METIS, OURS, compare_plans
+from adaptive_kit.partition.metis import metis_parts, repair
 from adaptive_kit.partition.models import GPT, uneven_mlp
+from adaptive_kit.partition.plan import refine, stage_graph
 
 
 def dag(costs, edges):
@@ -309,3 +309,26 @@ def test_plan_model_with_a_dominant_linear_of_few_outputs(monkeypatch):
     assert set(mp.splits) <= {"_3"} and all(2 <= p <= 3 for p in mp.splits.values())
     torch.testing.assert_close(mp.gm(x), model(x))
     assert is_valid_pipeline(mp.graph, mp.plan.stage_of)
+
+
+def test_stage_loads_sums_costs_per_stage_and_divides_by_speed():
+    g = dag({"a": 1, "b": 2, "c": 4}, [("a", "b"), ("b", "c")])
+    plan = {"a": 0, "b": 0, "c": 1}
+    np.testing.assert_allclose(stage_loads(g, plan, 2), [3.0, 4.0])
+    np.testing.assert_allclose(stage_loads(g, plan, 2, speeds=[1.0, 2.0]), loads_of(g, plan, 2, [1.0, 2.0]))
+
+
+def test_compare_plans_ours_anchors_and_metis_on_a_model_graph():
+    g = model_graph(uneven_mlp([16, 64, 64, 64, 8]), torch.randn(4, 16), reps=0)
+    nx.set_node_attributes(g, {v: float(d["flops"]) for v, d in g.nodes(data=True)}, "cost_s")
+    comp = compare_plans(g, 3, bound_time_s=5.0)
+    assert set(comp.plans) | set(comp.errors) == set(METHODS) and not comp.errors
+    for method, plan in comp.plans.items():
+        assert is_valid_pipeline(g, plan), method
+        np.testing.assert_allclose(comp.loads[method], loads_of(g, plan, 3))
+    assert comp.best.stage_of == comp.plans[OURS]
+    assert comp.bottlenecks()[OURS] == pytest.approx(comp.best.bottleneck_s)
+    assert comp.bound.lower_s <= min(comp.bottlenecks().values()) * (1 + 1e-9)
+    assert comp.plans[METIS] == repair(g, comp.metis_raw)
+    too_many = compare_plans(g, 5)  # more stages than layers (4): the anchors say so, the others plan
+    assert "layers" in too_many.errors["equal layers"] and OURS in too_many.plans

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaptive_kit.partition import simulate, stage_order
+from adaptive_kit.partition import simulate
+from adaptive_kit.partition.simulate import stage_order
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])

@@ -21,6 +21,7 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 
+from ..checks import check_int
 from .forecast import ForecastConfig, Forecaster
 from .plan import GraphPlan, best_plan
 from .simulate import simulate
@@ -41,11 +42,8 @@ class ControllerConfig:
         if not self.threshold > 0:
             raise ValueError(f"threshold must be > 0, got {self.threshold!r}")
         for name in ("patience", "horizon"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if isinstance(self.cooldown, bool) or not isinstance(self.cooldown, int) or self.cooldown < 0:
-            raise ValueError(f"cooldown must be an int >= 0, got {self.cooldown!r}")
+            check_int(name, getattr(self, name), 1)
+        check_int("cooldown", self.cooldown, 0)
         if not 0 <= self.release <= 1:
             raise ValueError(f"release must be in [0, 1], got {self.release!r}")
         if not self.margin >= 0:

@@ -16,6 +16,8 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
+from ..checks import check_int
+
 
 @dataclass(frozen=True)
 class ForecastConfig:
@@ -28,9 +30,7 @@ class ForecastConfig:
 
     def __post_init__(self) -> None:
         for name, lo in (("season", 0), ("window", 4), ("refit_every", 1), ("min_history", 2)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"ForecastConfig.{name} must be an int >= {lo}, got {v!r}")
+            check_int(f"ForecastConfig.{name}", getattr(self, name), lo)
         if self.season == 1:
             raise ValueError("ForecastConfig.season must be 0 (none) or >= 2, got 1")
         if not 0 < self.level < 1:
@@ -84,8 +84,7 @@ class Forecaster:
 
     def forecast(self, h: int = 1) -> Forecast:
         """The next ``h`` values with their prediction interval."""
-        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
-            raise ValueError(f"Forecaster.forecast(h={h!r}): expected an int >= 1")
+        check_int("Forecaster.forecast: h", h, 1)
         cfg = self.config
         refit = self.params is None or self._since_fit >= cfg.refit_every
         if refit:  # the window slides only at a refit: the fitted initial states belong to its start

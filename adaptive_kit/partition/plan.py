@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -158,12 +158,14 @@ def _random_orders(g: nx.DiGraph, tries: int, seed: int) -> list[tuple[str, ...]
     return [tuple(nodes[i] for i in _kahn(succ, indeg, rng.random(len(nodes)).tolist())) for _ in range(tries)]
 
 
-def _stage_loads(g: nx.DiGraph, stage_of: dict[str, int], k: int, cost: str,
-                 speeds: np.ndarray) -> np.ndarray:
+def stage_loads(g: nx.DiGraph, stage_of: Mapping[str, int], k: int, cost: str = "cost_s",
+                speeds: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
+    """(k,) seconds of each stage of a plan: the summed node ``cost`` of its nodes, divided by the
+    device's speed when ``speeds`` are given (compute only: no communication)."""
     loads = np.zeros(k)
     for v, j in stage_of.items():
         loads[j] += g.nodes[v][cost]
-    return loads / speeds
+    return loads if speeds is None else loads / np.asarray(speeds, dtype=float)
 
 
 def _closure(g: nx.DiGraph, v: str, stage_of: dict[str, int], j: int, forward: bool) -> list[str]:
@@ -191,7 +193,7 @@ def refine(g: nx.DiGraph, plan: GraphPlan, speeds: Sequence[float] | None = None
     s = check_speeds(speeds, k, "refine")
     stage_of = dict(plan.stage_of)
     cost_of = {v: float(g.nodes[v][cost]) for v in g.nodes}
-    loads = _stage_loads(g, stage_of, k, cost, s)
+    loads = stage_loads(g, stage_of, k, cost, s)
     for _ in range(rounds):
         j = int(np.argmax(loads))
         members = [v for v, sv in stage_of.items() if sv == j]
@@ -420,48 +422,3 @@ def stage_graph(g: nx.DiGraph, stage_of: dict[str, int]) -> nx.DiGraph:
     q.add_nodes_from(set(stage_of.values()))
     q.add_edges_from((stage_of[u], stage_of[v]) for u, v in g.edges if stage_of[u] != stage_of[v])
     return q
-
-
-def repair(g: nx.DiGraph, parts: dict[str, int]) -> dict[str, int]:
-    """A valid pipeline from any assignment of nodes to parts (e.g. METIS's, whose stage graph
-    may have cycles): parts are ranked in a topological order of the stage graph with its cycles
-    collapsed (parts of one cycle by the mean topological position of their nodes), and each node
-    goes to the later of its part's rank and its producers' stages. A valid plan is kept as is."""
-    pos = {v: i for i, v in enumerate(nx.topological_sort(g))}
-    groups: dict[int, list[int]] = {}
-    for v, p in parts.items():
-        groups.setdefault(p, []).append(pos[v])
-    mean = {p: float(np.mean(ps)) for p, ps in groups.items()}
-    q = nx.condensation(stage_graph(g, parts))  # cycles of parts collapse to one node
-    members = q.graph["mapping"]  # part -> component
-    comps = {c: sorted((p for p, cc in members.items() if cc == c), key=mean.__getitem__) for c in q.nodes}
-    ranked = [p for c in nx.lexicographical_topological_sort(q, key=lambda c: mean[comps[c][0]]) for p in comps[c]]
-    rank = {p: r for r, p in enumerate(ranked)}
-    out: dict[str, int] = {}
-    for v in sorted(parts, key=pos.__getitem__):
-        out[v] = max([rank[parts[v]], *(out[u] for u in g.pred[v])])
-    return out
-
-
-def metis_parts(g: nx.DiGraph, k: int, cost: str = "time_s", seed: int = 0) -> dict[str, int]:
-    """METIS (pymetis, optional) k-way partition balancing ``cost`` and cutting edge ``bytes``.
-
-    Raises:
-        ImportError: pymetis is not installed (``pip install pymetis``).
-    """
-    import pymetis
-
-    nodes = list(g.nodes)
-    idx = {v: i for i, v in enumerate(nodes)}
-    u = g.to_undirected()
-    xadj, adjncy, eweights = [0], [], []
-    for v in nodes:
-        for w, d in u.adj[v].items():
-            adjncy.append(idx[w])
-            eweights.append(max(1, int(d.get("bytes", 0) // 1024)))
-        xadj.append(len(adjncy))
-    c = np.array([g.nodes[v][cost] for v in nodes], dtype=float)
-    vweights = np.maximum(1, np.round(c / max(c.max(), 1e-300) * 10000)).astype(int).tolist()
-    _, membership = pymetis.part_graph(k, adjacency=pymetis.CSRAdjacency(xadj, adjncy), vweights=vweights,
-                                       eweights=eweights, options=pymetis.Options(seed=seed))
-    return {v: int(membership[i]) for i, v in enumerate(nodes)}
