@@ -43,13 +43,13 @@ def test_groups_split_by_architecture_batch_size_and_vmap_min(data):
         assert ids(swarm.groups(swarm.members)) == [[i] for i in range(7)]
 
 
-def test_default_vmap_min_is_five_on_a_cpu(data):
-    specs = specs_of(A, (0.1, 0.2, 0.3, 0.4)) + specs_of(B, (0.1,) * 5)
-    with Swarm(data, config(9), specs=specs, device="cpu") as swarm:
-        assert ids(swarm.groups(swarm.members)) == [[0], [1], [2], [3], [4, 5, 6, 7, 8]]
+def test_by_default_every_pair_of_one_architecture_trains_batched(data):
+    specs = specs_of(A, (0.1, 0.2)) + specs_of(B, (0.1,)) + specs_of(C, (0.1, 0.2, 0.3))
+    with Swarm(data, config(6), specs=specs, device="cpu") as swarm:
+        assert ids(swarm.groups(swarm.members)) == [[0, 1], [2], [3, 4, 5]]
 
 
-@pytest.mark.parametrize("kw", [{"vmap_min": 1}, {"vmap_min": 2.0}, {"vmap_min": True}])
+@pytest.mark.parametrize("kw", [{"vmap_min": 1}, {"vmap_min": 2.0}, {"vmap_min": True}, {"vmap_min": None}])
 def test_vmap_min_is_checked(kw):
     with pytest.raises(ValueError, match="vmap_min"):
         SwarmConfig(**kw)
@@ -204,3 +204,36 @@ def test_cuda_synchronisations_per_round_do_not_grow_with_steps(data, vmap_min):
                     torch.cuda.set_sync_debug_mode("default")
             syncs[steps] = sum("synchroniz" in str(w.message) for w in caught)
     assert syncs[3] == syncs[12], syncs
+
+
+@pytest.mark.parametrize("layers", [A, B, (Layer("conv", 3, "gelu"), Layer("linear", 8, "tanh")), C])
+def test_stacked_logits_equal_vmap_over_the_members(layers):
+    from functools import partial
+
+    from torch.func import vmap
+
+    from adaptive_kit.swarm.engine import _logits, _stacked_logits
+
+    torch.manual_seed(0)
+    nets = [build_model(MemberSpec(layers), 64, 10, (1, 8, 8)) for _ in range(3)]
+    params = {k: torch.stack([dict(n.named_parameters())[k].detach() for n in nets]) for k, _ in
+              nets[0].named_parameters()}
+    x = torch.randn(3, 5, 64)  # (G, B, F)
+    want = vmap(partial(_logits, nets[0]))(params, x)
+    torch.testing.assert_close(_stacked_logits(nets[0], params, x), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(want[1], nets[1](x[1]), atol=1e-5, rtol=1e-5)
+
+
+def test_layers_the_stacked_path_does_not_know_go_through_vmap(data, monkeypatch):
+    import adaptive_kit.swarm.engine as engine
+
+    specs = specs_of(A) + specs_of(C, (0.1, 0.2))
+    with Swarm(data, config(5), specs=specs) as a:
+        a.run(2, progress=False)
+    monkeypatch.setattr(engine, "BATCHABLE", ())
+    with Swarm(data, config(5), specs=specs) as b:
+        b.run(2, progress=False)
+    for ma, mb in zip(a.members, b.members):
+        assert ma.val_acc == pytest.approx(mb.val_acc, abs=1e-6)
+        for k in ma.params:
+            torch.testing.assert_close(ma.params[k], mb.params[k], atol=1e-5, rtol=1e-4)

@@ -46,10 +46,9 @@ class SwarmConfig:
     watch: WatchConfig = WatchConfig()
     val_fraction: float = 0.2  # of the training rows, held out for validation (when no val is given)
     eval_rows: int = 2048  # at most this many rows per evaluation (validation and training accuracy)
-    batched: bool = True  # vmap members that share an architecture and batch size
-    vmap_min: int | None = None  # smallest such group that trains in one vmap (smaller: member by member
-    #                              through a plain module); None: 2 on a GPU, 5 on a CPU, where vmap's
-    #                              fixed cost per step (~0.5 ms) outweighs 2-4 small members' steps
+    batched: bool = True  # batch members that share an architecture and batch size (stacked weights)
+    vmap_min: int = 2  # smallest such group that trains as one batch; smaller ones (and every member when
+    #                    not batched) train member by member, each through a plain module
     param_layers: tuple[str, ...] = ()  # layers ("h0", "h1", ..., "out") whose weights are reported; () = all
     image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the flat inputs, for conv layers
 
@@ -58,9 +57,8 @@ class SwarmConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"SwarmConfig.{name} must be an int >= {lo}, got {v!r}")
-        if self.vmap_min is not None and (isinstance(self.vmap_min, bool) or not isinstance(self.vmap_min, int)
-                                          or self.vmap_min < 2):
-            raise ValueError(f"SwarmConfig.vmap_min must be None or an int >= 2, got {self.vmap_min!r}")
+        if isinstance(self.vmap_min, bool) or not isinstance(self.vmap_min, int) or self.vmap_min < 2:
+            raise ValueError(f"SwarmConfig.vmap_min must be an int >= 2, got {self.vmap_min!r}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"SwarmConfig.val_fraction must be in (0, 1), got {self.val_fraction!r}")
 
@@ -99,15 +97,44 @@ def _logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) 
     return functional_call(model, params, (x,))
 
 
+BATCHABLE = (nn.Linear, nn.Conv2d, nn.Unflatten, nn.Flatten, nn.ReLU, nn.Tanh, nn.GELU)
+
+
+def _stacked_logits(model: nn.Sequential, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The logits of G members of ``model``'s architecture at once, from their stacked weights
+    (``params[name]``: (G, *shape)) and inputs ``x``: (G, B, F) -> (G, B, C).
+
+    Linear layers are one batched matmul, conv layers one grouped convolution (member g's
+    channels are group g), activations apply elementwise: what vmap computes, without its
+    per-operation transform cost (about 0.5 ms a step on a CPU).
+    """
+    h, (g, b) = x, x.shape[:2]
+    for name, mod in model.named_children():
+        if isinstance(mod, nn.Linear):
+            h = torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), h, params[f"{name}.weight"].transpose(1, 2))
+        elif isinstance(mod, nn.Unflatten):  # (G, B, C*H*W) -> (B, G*C, H, W)
+            c, ht, wd = mod.unflattened_size
+            h = h.transpose(0, 1).reshape(b, g * c, ht, wd)
+        elif isinstance(mod, nn.Conv2d):  # (B, G*C_in, H, W) -> (B, G*C_out, H, W)
+            h = nn.functional.conv2d(h, params[f"{name}.weight"].flatten(0, 1), params[f"{name}.bias"].flatten(),
+                                     stride=mod.stride, padding=mod.padding, groups=g)
+        elif isinstance(mod, nn.Flatten):  # (B, G*C, H, W) -> (G, B, C*H*W)
+            h = h.reshape(b, g, -1).transpose(0, 1)
+        else:
+            h = mod(h)
+    return h
+
+
 class Swarm:
     """N networks trained at once, in rounds; compute goes to the fittest, the weakest are replaced.
 
     Each round: the optimiser shares out ``steps_per_round x active members`` steps by fitness
     (:func:`~adaptive_kit.swarm.optimiser.allocate`); members that share an architecture and
-    batch size take their steps together in one ``vmap`` over stacked weights (a member that has
-    used its steps drops out of the batch) when there are at least ``vmap_min`` of them, and
-    every other member trains alone through a plain module (:meth:`groups`); each round's
-    batches go to the device in one copy and its losses come back in one; every member is evaluated; a report per member goes
+    batch size take their steps together over stacked weights (what ``vmap`` computes, as batched
+    matmuls and grouped convolutions; a member that has used its steps drops out of the batch)
+    when there are at least ``vmap_min`` of them, and every other member trains alone through a
+    plain module (:meth:`groups`); each round's batches go to the device in one copy and its
+    losses come back in one; every member is evaluated; a report per member goes
     out on the bus (and into :meth:`history`); the watch looks for anomalies; a member whose
     loss, weights or metrics are non-finite, or whose step raises, is quarantined; and every
     ``exploit_every`` rounds the bottom members are replaced (exploit / explore, breeding).
@@ -283,11 +310,11 @@ class Swarm:
         return self
 
     def groups(self, members: Sequence[Member]) -> list[list[Member]]:
-        """How ``members`` train: lists of members that take their steps together in one vmap
-        (equal :attr:`MemberSpec.group_key`, at least ``vmap_min`` of them), and lists of one,
-        which train through a plain module."""
+        """How ``members`` train: lists of members that take their steps together over stacked
+        weights (equal :attr:`MemberSpec.group_key`, at least ``vmap_min`` of them), and lists of
+        one, which train through a plain module."""
         cfg = self.config
-        least = cfg.vmap_min or (2 if self.device.type == "cuda" else 5)
+        least = cfg.vmap_min
         by_key: dict[tuple, list[Member]] = defaultdict(list)
         for m in members:
             by_key[m.spec.group_key if cfg.batched else (m.id,)].append(m)
@@ -395,25 +422,33 @@ class Swarm:
         # vmap's forward over the stacked weights, then one ordinary backward: each member's loss
         # depends only on its own slice, so the summed loss gives every member its own gradient
         # (twice as fast on a CPU as vmap(grad(...)), whose per-call transform overhead dominates)
-        fwd = vmap(partial(_logits, model))
+        if all(isinstance(mod, BATCHABLE) for mod in model.children()):
+            fwd = partial(_stacked_logits, model)
+        else:  # a layer _stacked_logits does not know: vmap's general rule
+            fwd = vmap(partial(_logits, model))
         names = list(P)
         losses = torch.full((G, T), float("nan"), device=dev)
         active_at = [int((n_steps > t).sum()) for t in range(T)]
+        k_views = -1
         for t in range(T):
             k = active_at[t]
+            if k != k_views:  # the first k members' slices, remade only when a member drops out
+                k_views = k
+                ps, bs_ = [P[n][:k] for n in names], [B[n][:k] for n in names]
+                per = [(k,) + (1,) * (P[n].dim() - 1) for n in names]  # per-member scalars against each tensor
+                wd_k, mom_k = [wd[:k].view(sh) for sh in per], [mom[:k].view(sh) for sh in per]
+                neg_lr_k = [-lr[:k].view(sh) for sh in per]
             rows = idx[:k, t]  # (k, bs)
-            leaves = [P[n][:k].detach().requires_grad_() for n in names]
+            leaves = [p.detach().requires_grad_() for p in ps]
             logits = fwd(dict(zip(names, leaves)), self.x[rows])  # (k, bs, C)
             loss = nn.functional.cross_entropy(logits.flatten(0, 1), self.y[rows].flatten(),
                                                reduction="none").view(k, bs).mean(1)
             grads = torch.autograd.grad(loss.sum(), leaves)
-            with torch.no_grad():
-                for n, g in zip(names, grads):  # torch.optim.SGD: g += wd p; buf = mom buf + g; p -= lr buf
-                    p = P[n]
-                    shape = (k,) + (1,) * (p.dim() - 1)
-                    g = g.add(p[:k] * wd[:k].view(shape))
-                    B[n][:k].mul_(mom[:k].view(shape)).add_(g)
-                    p[:k].sub_(lr[:k].view(shape) * B[n][:k])
+            with torch.no_grad():  # torch.optim.SGD: g += wd p; buf = mom buf + g; p -= lr buf
+                grads = torch._foreach_addcmul(grads, ps, wd_k)
+                torch._foreach_mul_(bs_, mom_k)
+                torch._foreach_add_(bs_, grads)
+                torch._foreach_addcmul_(ps, bs_, neg_lr_k)
             losses[:k, t] = loss.detach()
         for i, m in enumerate(ms):
             m.params = {k: v[i].clone() for k, v in P.items()}
@@ -426,7 +461,11 @@ class Swarm:
             return
         model, _ = self._template(group[0].spec)
         P = {k: torch.stack([m.params[k] for m in group]) for k in group[0].params}
-        f = vmap(partial(_logits, model), in_dims=(0, None))
+        if all(isinstance(mod, BATCHABLE) for mod in model.children()):
+            def f(params, x):
+                return _stacked_logits(model, params, x.expand(len(group), *x.shape))
+        else:
+            f = vmap(partial(_logits, model), in_dims=(0, None))
         val = f(P, self.x_val)  # (G, n_val, C)
         fit = f(P, self.x_fit)
         n = val.shape[1]
