@@ -138,8 +138,11 @@ class SwarmGraph:
             pos = nx.spring_layout(g, pos=init, weight="weight", seed=self.seed, k=1.5 / math.sqrt(self.n),
                                    iterations=50 if init is None else 25)
             xy = np.array([pos[i] for i in range(self.n)], dtype=float)
-            xy -= xy.mean(0)
-            xy /= max(float(np.abs(xy).max()), 1e-9)  # the figure's range is [-1.15, 1.15]
+            xy -= np.median(xy, axis=0)
+            # scale so that most members fill the figure; a far, lonely member (no similar neighbour)
+            # waits at the edge instead of squeezing every cluster into a corner
+            xy /= np.maximum(np.quantile(np.abs(xy), 0.9, axis=0), 1e-9)
+            xy = np.clip(xy, -1.08, 1.08)  # the figure's range is [-1.15, 1.15]
             self.positions = {i: xy[i] for i in range(self.n)}
         else:
             self.positions = {0: np.zeros(2)}

@@ -138,8 +138,8 @@ class Resources:
                                 x_axis_label="member", y_axis_label="steps", tools="save")
         bars = self.steps_fig.vbar(x="member", top="steps_next", width=0.7, source=self.source,
                                    fill_color="color", line_color="line_color", legend_label="next round")
-        self.steps_fig.scatter("member", "steps_last", source=self.source, marker="dash", size=14 if n <= 32 else 6,
-                               line_width=2, color="#000000", legend_label="granted last round")
+        self.steps_fig.scatter("member", "steps_last", source=self.source, marker="dash", size=14 if n <= 32 else 5,
+                               line_width=2 if n <= 32 else 1, color="#000000", legend_label="granted last round")
         self.steps_fig.y_range.start = 0
         self.steps_fig.y_range.range_padding = 0.25  # the last-round dashes stay clear of the top
         self.steps_fig.add_tools(HoverTool(renderers=[bars], tooltips=[
