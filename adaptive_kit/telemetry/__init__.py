@@ -1,6 +1,7 @@
 """Telemetry granularity: collect gradients, weights and activations at the level each layer needs.
 
-The face, in three parts.
+The face is the fifteen names of ``__all__``; the recorded-episode workflow, what panels need
+and the building blocks are importable from here too (listed last).
 
 Collect and steer a training run of your own::
 
@@ -15,68 +16,54 @@ Collect and steer a training run of your own::
     tel.close()
 
 - :class:`Telemetry`, :class:`TelemetryConfig`, :class:`StepRecord` (what one step sent),
-  :data:`LEVELS`, :data:`KINDS`;
+  :data:`LEVELS`;
 - :class:`DetectorSuite` (the standard detectors), :class:`Controller` (a policy in the loop);
 - policies: :class:`StaticPolicy`, :class:`RulePolicy`, :class:`QLearningPolicy`,
   :class:`LinUCBPolicy`;
 - faults to break a run on purpose: :class:`Fault`, :data:`FAULT_KINDS`.
 
-Run episodes (a workload, a fault, a seed) live, or record them once and train and judge
-policies on the recordings: :func:`run` -> :class:`Run`; :class:`EpisodeSpec`,
-:class:`Workload`, :func:`workload`, :func:`build_model`; :func:`fault_suite`,
-:func:`record_all`, :func:`train`, :func:`evaluate` -> :class:`EpisodeResult` s,
-:func:`summarize`, :func:`results_frame`.
+Run an episode (a workload, a fault, a seed) live: :func:`run` (``EpisodeSpec`` ->
+:class:`Run`, on ``device``, default :func:`adaptive_kit.pick_device`).
 
-For panels and benchmarks: :data:`QUIET_KINDS`, :data:`LAYER_KINDS`, :func:`layer_candidates`,
-:data:`ACTIVATION_TYPES`, and the building blocks (:class:`FaultInjector`, :class:`Observation`,
+Importable from here too. Record episodes once and train and judge policies on the
+recordings: :class:`Workload`, :func:`workload`, :func:`build_model`, :func:`fault_suite`,
+:func:`record_all` (-> :class:`Trace` s), :func:`train`, :func:`evaluate` (->
+:class:`EpisodeResult` s), :func:`summarize`, :func:`results_frame`. For panels and
+benchmarks: :data:`KINDS`, :data:`QUIET_KINDS`, :data:`LAYER_KINDS`, :func:`layer_candidates`,
+:data:`ACTIVATION_TYPES`. The building blocks (:class:`FaultInjector`, :class:`Observation`,
 :func:`observations`, :class:`Policy`, :class:`State`, :class:`StateTracker`,
 :class:`RewardWeights`, :data:`TELEMETRY_SCHEMA`).
 """
-from .collector import (
-    ACTIVATION_TYPES,
-    KINDS,
-    LEVELS,
-    TELEMETRY_SCHEMA,
-    StepRecord,
-    Telemetry,
-    TelemetryConfig,
-)
-from .control import Controller, StateTracker
-from .episodes import (
+from .collector import LEVELS, StepRecord, Telemetry, TelemetryConfig
+from .control import Controller
+from .episodes import EpisodeSpec, Run, run
+from .faults import FAULT_KINDS, Fault
+from .policies import LinUCBPolicy, QLearningPolicy, RulePolicy, StaticPolicy
+from .suite import DetectorSuite
+
+# isort: split
+# Importable from here too, outside the headline names: the recorded-episode workflow (notebook 01,
+# the benchmark), what panels need (widgets/telemetry.py), and the building blocks of extensions.
+from .collector import ACTIVATION_TYPES, KINDS, TELEMETRY_SCHEMA  # noqa: F401
+from .control import StateTracker  # noqa: F401
+from .episodes import (  # noqa: F401
     EpisodeResult,
-    EpisodeSpec,
-    Run,
     Trace,
     evaluate,
     fault_suite,
+    record,
     record_all,
+    replay,
     results_frame,
-    run,
     summarize,
     train,
 )
-from .faults import FAULT_KINDS, LAYER_KINDS, QUIET_KINDS, Fault, FaultInjector, layer_candidates
-from .observations import Observation, observations
-from .policies import (
-    LinUCBPolicy,
-    Policy,
-    QLearningPolicy,
-    RewardWeights,
-    RulePolicy,
-    State,
-    StaticPolicy,
-)
-from .suite import DetectorSuite
-from .workloads import Workload, build_model, workload
+from .faults import LAYER_KINDS, QUIET_KINDS, FaultInjector, layer_candidates  # noqa: F401
+from .observations import Observation, observations  # noqa: F401
+from .policies import Policy, RewardWeights, State  # noqa: F401
+from .workloads import Workload, build_model, workload  # noqa: F401
 
 __all__ = [
-    # collect and steer
-    "FAULT_KINDS", "KINDS", "LEVELS", "Controller", "DetectorSuite", "Fault", "LinUCBPolicy",
-    "QLearningPolicy", "RulePolicy", "StaticPolicy", "StepRecord", "Telemetry", "TelemetryConfig",
-    # episodes
-    "EpisodeResult", "EpisodeSpec", "Run", "Trace", "Workload", "build_model", "evaluate", "fault_suite",
-    "record_all", "results_frame", "run", "summarize", "train", "workload",
-    # for panels, benchmarks and extensions
-    "ACTIVATION_TYPES", "LAYER_KINDS", "QUIET_KINDS", "TELEMETRY_SCHEMA", "FaultInjector", "Observation",
-    "Policy", "RewardWeights", "State", "StateTracker", "layer_candidates", "observations",
+    "FAULT_KINDS", "LEVELS", "Controller", "DetectorSuite", "EpisodeSpec", "Fault", "LinUCBPolicy",
+    "QLearningPolicy", "Run", "RulePolicy", "StaticPolicy", "StepRecord", "Telemetry", "TelemetryConfig", "run",
 ]
