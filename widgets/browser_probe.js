@@ -203,7 +203,13 @@ window.akProbe = (() => {
       if (!window.Bokeh) return [];
       const out = [];
       for (const root of roots(cell)) {
-        for (const pv of plotViews(root)) for (const p of figureProblems(pv)) out.push(`cell ${cellOf(root.el)}: ${p}`);
+        for (const pv of plotViews(root)) {
+          // a figure in a hidden tab has no layout (its frame is 0 x 0, its glyphs keep stale screen
+          // positions): it is checked when its tab is open
+          const shown = pv.el.getBoundingClientRect();
+          if (!shown.width || !shown.height || !pv.frame.bbox.width || !pv.frame.bbox.height) continue;
+          for (const p of figureProblems(pv)) out.push(`cell ${cellOf(root.el)}: ${p}`);
+        }
       }
       return out;
     },
