@@ -68,19 +68,12 @@ from tqdm.auto import tqdm
 from adaptive_kit import partition as pt
 from adaptive_kit.distributed import run as dist_run
 from adaptive_kit.partition import (
-    CostModel,
     best_plan,
     compare_plans,
     emulate,
-    is_valid_pipeline,
-    milp_bound,
-    model_graph,
-    partition_graph,
     plan_model,
-    profile_batch,
     simulate,
     stage_loads,
-    trace,
 )
 
 QUICK_MODELS = ("mlp-funnel", "cnn-small", "gpt-small", "resmlp", "inception", "two-tower")
@@ -110,9 +103,9 @@ def c_stdout_silenced() -> Iterator[None]:
             os.close(saved)
 
 
-def annotated_graph(model, x, reps: int) -> tuple[nx.DiGraph, CostModel]:
-    g = model_graph(model, x, reps=reps)
-    cm = CostModel.fit(g, profile_batch(x))
+def annotated_graph(model, x, reps: int) -> tuple[nx.DiGraph, pt.profile.CostModel]:
+    g = pt.graph.model_graph(model, x, reps=reps)
+    cm = pt.profile.CostModel.fit(g, pt.profile.profile_batch(x))
     cm.annotate(g)
     return g, cm
 
@@ -142,15 +135,15 @@ def quality(quick: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
                     row[f"{m}_status"] = "n/a" if "layers" in comp.errors[name] else "failed"
                     continue
                 row[m] = comp.loads[name].max() / opt
-                row[f"{m}_status"] = "valid" if is_valid_pipeline(g, comp.plans[name]) else "invalid"
+                row[f"{m}_status"] = "valid" if pt.plan.is_valid_pipeline(g, comp.plans[name]) else "invalid"
             parts, fixed = comp.metis_raw, comp.plans["METIS (repaired)"]
             row["pymetis-raw"] = stage_loads(g, parts, k).max() / opt
             row["pymetis-raw_status"] = "invalid" if comp.metis_cyclic else "valid"
             row["pymetis+repair"] = comp.loads["METIS (repaired)"].max() / opt
-            row["pymetis+repair_status"] = "valid" if is_valid_pipeline(g, fixed) else "invalid"
+            row["pymetis+repair_status"] = "valid" if pt.plan.is_valid_pipeline(g, fixed) else "invalid"
             row["metis_parts_used"] = len(set(parts.values()))
             row["ours"] = comp.best.bottleneck_s / opt
-            row["ours_status"] = "valid" if is_valid_pipeline(g, comp.plans["ours"]) else "invalid"
+            row["ours_status"] = "valid" if pt.plan.is_valid_pipeline(g, comp.plans["ours"]) else "invalid"
             rows.append(row)
     table = pd.DataFrame(rows)
     summary = []
@@ -205,15 +198,15 @@ def planning_time(quick: bool) -> pd.DataFrame:
             plan = best_plan(g, 8, cost="cost_s")
             times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            partition_graph(g, 8, cost="cost_s")
+            pt.plan.partition_graph(g, 8, cost="cost_s")
             pg_times.append(time.perf_counter() - t0)
         row = {"nodes": n, "edges": g.number_of_edges(), "k": 8, "ours_ms": 1e3 * float(np.median(times)),
-               "partition_graph_ms": 1e3 * float(np.median(pg_times)), "ours_valid": is_valid_pipeline(g, plan.stage_of)}
+               "partition_graph_ms": 1e3 * float(np.median(pg_times)), "ours_valid": pt.plan.is_valid_pipeline(g, plan.stage_of)}
         if quick and n > 300:  # HiGHS overruns its limit in presolve at 1000 nodes (about 50 s)
             row.update(milp_s=math.nan, milp_optimal="skipped", ours_x_milp_best=math.nan, ours_x_lower=math.nan)
         else:
             with c_stdout_silenced():
-                b = milp_bound(g, 8, cost="cost_s", time_limit=limit)
+                b = pt.plan.milp_bound(g, 8, cost="cost_s", time_limit=limit)
             found = math.isfinite(b.best_s)
             row.update(milp_s=b.seconds,
                        milp_optimal="yes" if b.optimal else f"no ({limit:g} s limit{'' if found else ', no plan'})",
@@ -231,7 +224,7 @@ def operator_split(quick: bool) -> pd.DataFrame:
     rows = []
     for k in tqdm((8, 4), desc="(c) operator split"):
         mp = plan_model(model, x, k, split=True, reps=reps)
-        g0 = mp.cost_model.annotate(model_graph(trace(model), x, reps=0))
+        g0 = mp.cost_model.annotate(pt.graph.model_graph(pt.graph.trace(model), x, reps=0))
         p0 = best_plan(g0, k, cost="cost_s")
         total0 = sum(d["cost_s"] for _, d in g0.nodes(data=True))
         total1 = sum(d["cost_s"] for _, d in mp.graph.nodes(data=True))
@@ -239,8 +232,8 @@ def operator_split(quick: bool) -> pd.DataFrame:
         top = max((v for v in mp.graph.nodes if "shard" not in v), key=lambda v: mp.graph.nodes[v]["cost_s"])
         # the same two plans on measured node times (forward + backward, median of reps), and the
         # split graph re-planned on them: what the cost model's prices do to the result
-        m0 = model_graph(trace(model), x, reps=max(reps, 3))
-        m1 = model_graph(mp.gm, x, reps=max(reps, 3))
+        m0 = pt.graph.model_graph(pt.graph.trace(model), x, reps=max(reps, 3))
+        m1 = pt.graph.model_graph(mp.gm, x, reps=max(reps, 3))
         fair0 = sum(d["time_s"] for _, d in m0.nodes(data=True)) / k
         rows.append({"model": "gpt-small", "k": k, "largest_node": heavy,
                      "largest_x_fair": g0.nodes[heavy]["cost_s"] / (total0 / k),
@@ -253,7 +246,7 @@ def operator_split(quick: bool) -> pd.DataFrame:
                      "measured_unsplit_x_fair": stage_loads(m0, p0.stage_of, k, "time_s").max() / fair0,
                      "measured_split_x_fair": stage_loads(m1, mp.plan.stage_of, k, "time_s").max() / fair0,
                      "measured_replanned_x_fair": best_plan(m1, k, cost="time_s").bottleneck_s / fair0,
-                     "valid": is_valid_pipeline(mp.graph, mp.plan.stage_of)})
+                     "valid": pt.plan.is_valid_pipeline(mp.graph, mp.plan.stage_of)})
     return pd.DataFrame(rows)
 
 
@@ -369,7 +362,7 @@ CALIBRATION = ("gpipe", 2, (0.04, 0.04))  # k = 2: a configuration not evaluated
 
 
 def _spec(k: int, schedule: str, micro: int, compute: tuple[float, ...]):
-    names = [n.name for n in trace(SIM_MODEL()).graph.nodes if n.op not in ("placeholder", "output")]
+    names = [n.name for n in pt.graph.trace(SIM_MODEL()).graph.nodes if n.op not in ("placeholder", "output")]
     stage_of = {v: min(i * k // len(names), k - 1) for i, v in enumerate(names)}
     return pt.pipeline.PipelineSpec(model=SIM_MODEL, stage_of=stage_of, k=k, input_shape=(16,), batch=2 * micro,
                                     micro=micro, schedule=schedule, steps=SIM_STEPS, compute_s=compute)

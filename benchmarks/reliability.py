@@ -396,7 +396,7 @@ def bad_inputs() -> list[dict]:
     import networkx as nx
     import torch.nn as nn
 
-    from adaptive_kit.partition import TraceError, milp_bound, plan_model
+    from adaptive_kit.partition import graph, plan, plan_model
     g = nx.DiGraph()
     for i, c in enumerate([1.0, 2.0, 3.0]):
         g.add_node(i, time_s=c)
@@ -405,7 +405,7 @@ def bad_inputs() -> list[dict]:
     rows = []
     for speeds in ([0.0, 1.0], [-1.0, 1.0], [float("nan"), 1.0]):
         try:
-            b = milp_bound(g, 2, speeds=speeds)
+            b = plan.milp_bound(g, 2, speeds=speeds)
             rows.append({"check": f"milp_bound(speeds={speeds})", "result": f"returned {b.lower_s}",
                          "target": "ValueError", "met": False, "detail": ""})
         except ValueError as e:
@@ -426,7 +426,7 @@ def bad_inputs() -> list[dict]:
             plan_model(AOrB(), torch.ones(2, 4), 2, reps=1, fallback=True)
         rows.append({"check": "plan_model(a or b, fallback=True)", "result": "planned a -> b",
                      "target": "refused", "met": False, "detail": ""})
-    except TraceError as e:
+    except graph.TraceError as e:
         rows.append({"check": "plan_model(a or b, fallback=True)", "result": "refused", "target": "refused",
                      "met": True, "detail": str(e).split(": ", 2)[-1][:90]})
     return rows

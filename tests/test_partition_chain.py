@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaptive_kit.partition import partition_chain, stage_times
+from adaptive_kit.partition.chain import partition_chain, stage_times
 
 
 def brute_force(cost, k, speeds, cut, bandwidth):

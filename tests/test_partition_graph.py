@@ -7,14 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from adaptive_kit.partition import (
-    TraceError,
-    is_valid_pipeline,
-    model_graph,
-    partition_chain,
-    partition_graph,
-)
-from adaptive_kit.partition.plan import boundary_bytes
+from adaptive_kit.partition.chain import partition_chain
+from adaptive_kit.partition.graph import TraceError, model_graph
+from adaptive_kit.partition.plan import boundary_bytes, is_valid_pipeline, partition_graph
 
 
 class Residual(nn.Module):

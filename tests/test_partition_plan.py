@@ -10,23 +10,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from adaptive_kit.partition import (
-    TraceError,
-    best_plan,
-    is_valid_pipeline,
-    milp_bound,
-    model_graph,
-    partition_chain,
-    partition_graph,
-    plan_model,
-    stage_loads,
-    trace,
-)
+from adaptive_kit.partition import best_plan, plan_model, stage_loads
 from adaptive_kit.partition import graph as graph_module
+from adaptive_kit.partition.chain import partition_chain
 from adaptive_kit.partition.compare import METHODS, METIS, OURS, compare_plans
+from adaptive_kit.partition.graph import TraceError, model_graph, trace
 from adaptive_kit.partition.metis import metis_parts, repair
 from adaptive_kit.partition.models import GPT, uneven_mlp
-from adaptive_kit.partition.plan import refine, stage_graph
+from adaptive_kit.partition.plan import (
+    is_valid_pipeline,
+    milp_bound,
+    partition_graph,
+    refine,
+    stage_graph,
+)
 
 
 def dag(costs, edges):

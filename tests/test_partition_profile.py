@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaptive_kit.partition import CostModel, model_graph, profile_batch
+from adaptive_kit.partition.graph import model_graph
 from adaptive_kit.partition.models import uneven_mlp
-from adaptive_kit.partition.profile import BatchProfile
+from adaptive_kit.partition.profile import BatchProfile, CostModel, profile_batch
 
 
 def test_token_ids_with_padding():

@@ -5,7 +5,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from adaptive_kit.partition import model_graph, trace
+from adaptive_kit.partition.graph import model_graph, trace
 from adaptive_kit.partition.models import GPT, uneven_mlp
 from adaptive_kit.partition.split import dominant_linears, split_linear
 
