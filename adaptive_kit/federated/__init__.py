@@ -13,7 +13,6 @@ from . import data, drift, ordinal, profile
 from .meta import (
     META_METHODS,
     METHODS,
-    Clients,
     FederatedConfig,
     FederatedResult,
     adapt,
@@ -24,10 +23,10 @@ from .meta import (
     train,
     train_distributed,
 )
-from .subsets import DataPartition, adaptive_partition, local_accuracy, n_parts
+from .subsets import DataPartition, adaptive_partition, largest_over_mean, local_accuracy, n_parts
 
 __all__ = [
-    "META_METHODS", "METHODS", "Clients", "DataPartition", "FederatedConfig", "FederatedResult", "adapt",
-    "adaptive_partition", "data", "drift", "evaluate", "local_accuracy", "local_only", "make_clients", "n_parts",
+    "META_METHODS", "METHODS", "DataPartition", "FederatedConfig", "FederatedResult", "adapt", "adaptive_partition",
+    "data", "drift", "evaluate", "largest_over_mean", "local_accuracy", "local_only", "make_clients", "n_parts",
     "ordinal", "profile", "summary", "train", "train_distributed",
 ]

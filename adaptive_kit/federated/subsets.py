@@ -165,6 +165,12 @@ def adaptive_partition(x: torch.Tensor, y: torch.Tensor, granularity: float, min
     return DataPartition(labels, w, t, children, parts)
 
 
+def largest_over_mean(labels: torch.Tensor, parts: int) -> float:
+    """Rows in the largest part over the mean rows per part (1 = perfectly balanced)."""
+    sizes = torch.bincount(labels, minlength=parts).double()
+    return float(sizes.max() / sizes.mean())
+
+
 def assign_resources(sizes: torch.Tensor | list[int], resources: int) -> list[list[int]]:
     """Parts per resource, balancing rows: largest part first to the least loaded resource."""
     sizes = [int(s) for s in sizes]
