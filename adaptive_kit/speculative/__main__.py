@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> list:
     k = int(os.environ["WORLD_SIZE"]) if is_torchrun() else a.workers
     make = {"digits": digits_task, "sequence": sequence_task, "regression": regression_task}[a.task]
     task = make(workers=k, alpha=a.alpha, seed=a.seed)
-    train = TrainConfig(lr=a.lr, momentum=0.9, batch_size=32, steps=a.steps, seed=a.seed)
-    results = run(worker, k, (task, METHODS[a.method](a), train, 25, a.method), threads_per_worker=1)
+    train_config = TrainConfig(lr=a.lr, momentum=0.9, batch_size=32, steps=a.steps, seed=a.seed)
+    results = run(worker, k, (task, METHODS[a.method](a), train_config, 25, a.method), threads_per_worker=1)
     if not is_torchrun() or int(os.environ["RANK"]) == 0:
         r = results[0]
         b = r.bytes_per_worker()
