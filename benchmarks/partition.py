@@ -129,13 +129,13 @@ def quality(quick: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
                    "chain": name.startswith(CHAIN_PREFIXES), "opt_ms": 1e3 * opt,
                    "opt": "optimal" if bound.optimal else "lower bound", "milp_s": bound.seconds,
                    "r2": cm.r2}
-            for m, name in ANCHORS.items():
-                if name in comp.errors:
+            for m, method in ANCHORS.items():
+                if method in comp.errors:
                     row[m] = math.nan
-                    row[f"{m}_status"] = "n/a" if "layers" in comp.errors[name] else "failed"
+                    row[f"{m}_status"] = "n/a" if "layers" in comp.errors[method] else "failed"
                     continue
-                row[m] = comp.loads[name].max() / opt
-                row[f"{m}_status"] = "valid" if pt.plan.is_valid_pipeline(g, comp.plans[name]) else "invalid"
+                row[m] = comp.loads[method].max() / opt
+                row[f"{m}_status"] = "valid" if pt.plan.is_valid_pipeline(g, comp.plans[method]) else "invalid"
             parts, fixed = comp.metis_raw, comp.plans["METIS (repaired)"]
             row["pymetis-raw"] = stage_loads(g, parts, k).max() / opt
             row["pymetis-raw_status"] = "invalid" if comp.metis_cyclic else "valid"
