@@ -103,10 +103,16 @@ from machine import describe, parse_args, show, write_json
 from torch import nn
 from tqdm.auto import tqdm
 
-from adaptive_kit import datasets
-from adaptive_kit.devices import pick_device
-from adaptive_kit.swarm import RANDOM_SEARCH, Swarm, SwarmConfig
-from adaptive_kit.swarm.spec import Layer, MemberSpec, SearchSpace, build_model
+from adaptive_kit import datasets, pick_device
+from adaptive_kit.swarm import (
+    RANDOM_SEARCH,
+    Layer,
+    MemberSpec,
+    SearchSpace,
+    Swarm,
+    SwarmConfig,
+    build_model,
+)
 
 # Targets (val acc; the validation set has 270 rows, so steps of 1/270 = 0.0037), calibrated with
 # random search on the full budget (8 x 30) and the full seeds so that it reaches them in most but

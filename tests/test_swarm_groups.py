@@ -212,7 +212,7 @@ def test_stacked_logits_equal_vmap_over_the_members(layers):
 
     from torch.func import vmap
 
-    from adaptive_kit.swarm.engine import _logits, _stacked_logits
+    from adaptive_kit.swarm.steps import _logits, _stacked_logits
 
     torch.manual_seed(0)
     nets = [build_model(MemberSpec(layers), 64, 10, (1, 8, 8)) for _ in range(3)]
@@ -225,12 +225,12 @@ def test_stacked_logits_equal_vmap_over_the_members(layers):
 
 
 def test_layers_the_stacked_path_does_not_know_go_through_vmap(data, monkeypatch):
-    import adaptive_kit.swarm.engine as engine
+    import adaptive_kit.swarm.steps as steps
 
     specs = specs_of(A) + specs_of(C, (0.1, 0.2))
     with Swarm(data, config(5), specs=specs) as a:
         a.run(2, progress=False)
-    monkeypatch.setattr(engine, "BATCHABLE", ())
+    monkeypatch.setattr(steps, "BATCHABLE", ())
     with Swarm(data, config(5), specs=specs) as b:
         b.run(2, progress=False)
     for ma, mb in zip(a.members, b.members):

@@ -1,15 +1,13 @@
-"""The swarm: N members trained in rounds on one device, members of one architecture batched
-with torch.func, reported on the bus, watched, and steered by the optimiser."""
+"""The swarm: N members trained in rounds on one device (members of one architecture batched:
+steps.py), reported on the bus (reports.py), watched, and steered by the optimiser (evolution.py)."""
 from __future__ import annotations
 
-import difflib
 import math
 import time
 import traceback
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +15,18 @@ import numpy as np
 import pandas as pd
 import psutil
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from ..datasets import Split
 from ..devices import pick_device
-from ..records import Sink, to_batch
-from ..stats import STAT_NAMES, HostCopy, batched_stats
+from ..records import Sink
 from .bus import Collector
-from .optimiser import Action, Goals, OptimiserConfig, allocate, diversity_penalty, fitness, plan
+from .evolution import Evolution
+from .optimiser import Goals, OptimiserConfig, allocate, fitness
+from .reports import Reports
 from .spec import MemberSpec, SearchSpace, Similarity, build_model
+from .steps import MemberSteps, batched_logits
 from .watch import Watch, WatchConfig
 
 FAULTS = ("nan", "crash")
@@ -93,39 +91,7 @@ class Member:
                                               "train_acc", "loss_mean", "step_time")}
 
 
-def _logits(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return functional_call(model, params, (x,))
-
-
-BATCHABLE = (nn.Linear, nn.Conv2d, nn.Unflatten, nn.Flatten, nn.ReLU, nn.Tanh, nn.GELU)
-
-
-def _stacked_logits(model: nn.Sequential, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The logits of G members of ``model``'s architecture at once, from their stacked weights
-    (``params[name]``: (G, *shape)) and inputs ``x``: (G, B, F) -> (G, B, C).
-
-    Linear layers are one batched matmul, conv layers one grouped convolution (member g's
-    channels are group g), activations apply elementwise: what vmap computes, without its
-    per-operation transform cost (about 0.5 ms a step on a CPU).
-    """
-    h, (g, b) = x, x.shape[:2]
-    for name, mod in model.named_children():
-        if isinstance(mod, nn.Linear):
-            h = torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), h, params[f"{name}.weight"].transpose(1, 2))
-        elif isinstance(mod, nn.Unflatten):  # (G, B, C*H*W) -> (B, G*C, H, W)
-            c, ht, wd = mod.unflattened_size
-            h = h.transpose(0, 1).reshape(b, g * c, ht, wd)
-        elif isinstance(mod, nn.Conv2d):  # (B, G*C_in, H, W) -> (B, G*C_out, H, W)
-            h = nn.functional.conv2d(h, params[f"{name}.weight"].flatten(0, 1), params[f"{name}.bias"].flatten(),
-                                     stride=mod.stride, padding=mod.padding, groups=g)
-        elif isinstance(mod, nn.Flatten):  # (B, G*C, H, W) -> (G, B, C*H*W)
-            h = h.reshape(b, g, -1).transpose(0, 1)
-        else:
-            h = mod(h)
-    return h
-
-
-class Swarm:
+class Swarm(MemberSteps, Reports, Evolution):
     """N networks trained at once, in rounds; compute goes to the fittest, the weakest are replaced.
 
     Each round: the optimiser shares out ``steps_per_round x active members`` steps by fitness
@@ -338,136 +304,15 @@ class Swarm:
                 out.update(self._train_safely([m]))
             return out
 
-    def _train_group(self, group: list[Member], steps: list[int]) -> dict[int, np.ndarray]:
-        order = sorted(range(len(group)), key=lambda i: -steps[i])  # members still stepping are a prefix
-        ms, n_steps = [group[i] for i in order], np.array([steps[i] for i in order])
-        if any(m.fault == "crash" for m in ms):
-            bad = next(m for m in ms if m.fault == "crash")
-            if len(ms) == 1:  # in a batch, the retry one by one finds the member and quarantines it
-                bad.fault = None
-            raise RuntimeError(f"injected crash in member {bad.id}")
-        T = int(n_steps.max(initial=0))
-        if T == 0:
-            return {m.id: np.zeros(0) for m in ms}
-        # every batch of the round drawn up front (the same numbers as one draw per step) and sent
-        # to the device in one copy, so that no step waits on the host
-        idx = torch.zeros((len(ms), T, ms[0].spec.batch_size), dtype=torch.int64)  # (G, T, bs)
-        for i, (m, n) in enumerate(zip(ms, n_steps)):
-            idx[i, :n] = torch.randint(0, len(self.x), (int(n), m.spec.batch_size), generator=m.gen)
-        idx = _to_device(idx, self.device)
-        t0 = time.perf_counter()
-        if len(ms) == 1:  # a group of one: the plain module path, no vmap transform to pay for
-            losses = self._steps_one(ms[0], idx[0])[None]
-        else:
-            losses = self._steps_batched(ms, n_steps, idx)
-        host = losses.cpu().numpy()  # the round's one wait for the device
-        per_step = (time.perf_counter() - t0) / max(int(n_steps.sum()), 1)
-        out = {}
-        for i, m in enumerate(ms):
-            m.steps += int(n_steps[i])
-            m.step_time = per_step
-            out[m.id] = host[i, :n_steps[i]]
-        return out
-
-    def _module(self, m: Member) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
-        """A module of the member's architecture whose parameters hold the member's weights, with
-        the parameters and momentum buffers as lists in the module's order."""
-        cached = self._nets.get(m.id)
-        if cached is None or cached[0] != m.spec.layers:
-            model = build_model(m.spec, self.n_features, self.n_classes, self.config.image_shape).to(self.device)
-            cached = (m.spec.layers, model, {k: p.detach() for k, p in model.named_parameters()})
-            self._nets[m.id] = cached
-        _, model, weights = cached
-        if m.params is not weights:  # new weights since the last round (batched, evolved, loaded)
-            with torch.no_grad():
-                for k, w in weights.items():
-                    w.copy_(m.params[k])
-            m.params = weights  # from now on the member's weights are the module's parameters
-        return model, list(model.parameters()), [m.buf[k] for k in weights]
-
-    def _steps_one(self, m: Member, idx: torch.Tensor) -> torch.Tensor:
-        """``len(idx)`` SGD steps of one member through its own module; its losses, (T,) on device.
-
-        The update is torch.optim.SGD's (g += wd p; buf = mom buf + g; p -= lr buf) with foreach ops.
-        """
-        model, params, bufs = self._module(m)
-        lr, mom, wd = m.spec.lr, m.spec.momentum, m.spec.weight_decay
-        losses = []
-        for t in range(len(idx)):
-            rows = idx[t]
-            loss = nn.functional.cross_entropy(model(self.x[rows]), self.y[rows])
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                if wd:
-                    grads = torch._foreach_add(grads, params, alpha=wd)
-                if mom:
-                    torch._foreach_mul_(bufs, mom)
-                    torch._foreach_add_(bufs, grads)
-                else:
-                    torch._foreach_copy_(bufs, grads)
-                torch._foreach_add_(params, bufs, alpha=-lr)
-            losses.append(loss.detach())
-        return torch.stack(losses)
-
-    def _steps_batched(self, ms: list[Member], n_steps: np.ndarray, idx: torch.Tensor) -> torch.Tensor:
-        """The steps of members that share an architecture, in one vmap over stacked weights;
-        their losses, (G, T) on device (NaN after a member's last step)."""
-        model, _ = self._template(ms[0].spec)
-        P = {k: torch.stack([m.params[k] for m in ms]) for k in ms[0].params}  # (G, *shape)
-        B = {k: torch.stack([m.buf[k] for m in ms]) for k in ms[0].buf}
-        dev, G, T, bs = self.device, len(ms), idx.shape[1], ms[0].spec.batch_size
-        hp = torch.tensor([[getattr(m.spec, k) for m in ms] for k in ("lr", "momentum", "weight_decay")],
-                          dtype=self.x.dtype)
-        lr, mom, wd = _to_device(hp, dev)
-        # vmap's forward over the stacked weights, then one ordinary backward: each member's loss
-        # depends only on its own slice, so the summed loss gives every member its own gradient
-        # (twice as fast on a CPU as vmap(grad(...)), whose per-call transform overhead dominates)
-        if all(isinstance(mod, BATCHABLE) for mod in model.children()):
-            fwd = partial(_stacked_logits, model)
-        else:  # a layer _stacked_logits does not know: vmap's general rule
-            fwd = vmap(partial(_logits, model))
-        names = list(P)
-        losses = torch.full((G, T), float("nan"), device=dev)
-        active_at = [int((n_steps > t).sum()) for t in range(T)]
-        k_views = -1
-        for t in range(T):
-            k = active_at[t]
-            if k != k_views:  # the first k members' slices, remade only when a member drops out
-                k_views = k
-                ps, bs_ = [P[n][:k] for n in names], [B[n][:k] for n in names]
-                per = [(k,) + (1,) * (P[n].dim() - 1) for n in names]  # per-member scalars against each tensor
-                wd_k, mom_k = [wd[:k].view(sh) for sh in per], [mom[:k].view(sh) for sh in per]
-                neg_lr_k = [-lr[:k].view(sh) for sh in per]
-            rows = idx[:k, t]  # (k, bs)
-            leaves = [p.detach().requires_grad_() for p in ps]
-            logits = fwd(dict(zip(names, leaves)), self.x[rows])  # (k, bs, C)
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1), self.y[rows].flatten(),
-                                               reduction="none").view(k, bs).mean(1)
-            grads = torch.autograd.grad(loss.sum(), leaves)
-            with torch.no_grad():  # torch.optim.SGD: g += wd p; buf = mom buf + g; p -= lr buf
-                grads = torch._foreach_addcmul(grads, ps, wd_k)
-                torch._foreach_mul_(bs_, mom_k)
-                torch._foreach_add_(bs_, grads)
-                torch._foreach_addcmul_(ps, bs_, neg_lr_k)
-            losses[:k, t] = loss.detach()
-        for i, m in enumerate(ms):
-            m.params = {k: v[i].clone() for k, v in P.items()}
-            m.buf = {k: v[i].clone() for k, v in B.items()}
-        return losses
-
     @torch.no_grad()
     def _evaluate(self, group: list[Member]) -> None:
         if not group:
             return
         model, _ = self._template(group[0].spec)
         P = {k: torch.stack([m.params[k] for m in group]) for k in group[0].params}
-        if all(isinstance(mod, BATCHABLE) for mod in model.children()):
-            def f(params, x):
-                return _stacked_logits(model, params, x.expand(len(group), *x.shape))
-        else:
-            f = vmap(partial(_logits, model), in_dims=(0, None))
-        val = f(P, self.x_val)  # (G, n_val, C)
-        fit = f(P, self.x_fit)
+        f = batched_logits(model)
+        val = f(P, self.x_val.expand(len(group), *self.x_val.shape))  # (G, n_val, C)
+        fit = f(P, self.x_fit.expand(len(group), *self.x_fit.shape))
         n = val.shape[1]
         val_loss = nn.functional.cross_entropy(val.flatten(0, 1), self.y_val.repeat(len(group)),
                                                reduction="none").view(len(group), n).mean(1)
@@ -488,192 +333,6 @@ class Swarm:
                             "kind": "member", "scope": "own", "evidence": evidence, "value": math.nan})
         self.lineage.append({"round": self.round, "member": m.id, "kind": "quarantine", "parents": (),
                              "before": m.spec.arch, "after": "", "detail": detail or evidence})
-
-    def _exchange(self) -> None:
-        """Share every owned member's metrics with the other processes (no-op in one process)."""
-        if self.world == 1:
-            return
-        mine = {m.id: m.metrics() for m in self.members if self.owns(m.id)}
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, (mine, self.alarms[-50:], self.lineage))
-        for d, _, _ in gathered:
-            for i, values in d.items():
-                if not self.owns(i):
-                    for k, v in values.items():
-                        setattr(self.members[i], k, v)
-        # quarantines found elsewhere this round go into every process's lineage, in member order
-        seen = {(e["round"], e["member"], e["kind"]) for e in self.lineage}
-        for _, _, lin in gathered:
-            for e in lin:
-                if (e["round"], e["member"], e["kind"]) not in seen:
-                    self.lineage.append(e)
-                    seen.add((e["round"], e["member"], e["kind"]))
-
-    def _observe(self, owned: list[Member], losses: dict[int, np.ndarray], first_step: dict[int, int]) -> None:
-        ids = np.array([m.id for m in owned], dtype=np.int64)
-        if ids.size == 0:
-            return
-        T = max((len(v) for v in losses.values()), default=0)
-        L = np.full((ids.size, T), np.nan)
-        for i, m in enumerate(owned):
-            row = losses.get(m.id, np.zeros(0))
-            L[i, :len(row)] = row
-            finite = row[np.isfinite(row)]
-            m.loss_mean = float(finite.mean()) if finite.size else math.nan
-            if m.active and finite.size < row.size:
-                self._quarantine(m, "nonfinite", f"{row.size - finite.size} non-finite losses in {row.size} steps", "")
-        alarms = self.watch.update(self.round, ids, np.array([first_step[m.id] for m in owned]), L,
-                                   np.array([m.step_time for m in owned]), np.array([m.loss_mean for m in owned]))
-        for a in alarms:
-            self.alarms.append({"time": time.time(), "round": a.round, "member": a.member, "detector": a.alarm.detector,
-                                "kind": a.alarm.kind, "scope": a.scope, "evidence": a.alarm.evidence,
-                                "value": a.alarm.value})
-
-    def _report(self, owned: list[Member], losses: dict[int, np.ndarray], first_step: dict[int, int],
-                t_round: float) -> None:
-        fit = self.fitness()
-        now = time.time()
-        rss, cpu = self._proc.memory_info().rss, self._proc.cpu_percent(None)
-        gpu = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
-        rows = []
-        n_train = len(self.x)
-        for m in owned:
-            row = losses.get(m.id, np.zeros(0))
-            finite = row[np.isfinite(row)]
-            spec = m.spec
-            rows.append({
-                "time": now, "member": m.id, "seq": m.seq, "round": self.round, "step": m.steps,
-                "epochs": m.steps * spec.batch_size / n_train, "steps": int(row.size),
-                "loss_mean": m.loss_mean, "loss_last": float(finite[-1]) if finite.size else math.nan,
-                "loss_max": float(finite.max()) if finite.size else math.nan, "nonfinite": int(row.size - finite.size),
-                "val_acc": m.val_acc, "val_loss": m.val_loss, "train_acc": m.train_acc, "fitness": float(fit[m.id]),
-                "lr": spec.lr, "momentum": spec.momentum, "weight_decay": spec.weight_decay,
-                "batch_size": spec.batch_size, "arch": spec.arch,
-                "n_params": sum(p.numel() for p in m.params.values()),
-                "compute_s": m.step_time * row.size if row.size else 0.0, "cpu_percent": cpu, "rss_bytes": rss,
-                "gpu_bytes": gpu, "device": str(self.device), "status": m.status, "origin": m.origin,
-            })
-            m.seq += 1
-        self._rows.extend(rows)
-        new_alarms = [a for a in self.alarms if a["round"] == self.round and self.owns(a["member"])]
-        if self.sink is not None and rows:
-            self.sink.write(to_batch("swarm", {k: [r[k] for r in rows] for k in rows[0]}), "swarm")
-            self.sink.write(self._param_stats([m for m in owned if m.active], now), "stats")
-            if new_alarms:
-                self.sink.write(to_batch("swarm_alarms", {k: [a[k] for a in new_alarms] for k in new_alarms[0]}),
-                                "swarm_alarms")
-        if self.collector is not None:
-            self.collector.poll()
-
-    def _param_stats(self, members: list[Member], now: float):
-        """Weight statistics of the selected layers of every member, one batched pass on device."""
-        groups, who, names = [], [], []
-        sel = set(self.config.param_layers)
-        for m in members:
-            _, layers = self._template(m.spec)
-            for name, keys in zip(self.layer_names(m.spec), layers):
-                if not sel or name in sel:
-                    groups.append([m.params[k] for k in keys])
-                    who.append(m)
-                    names.append(name)
-        cols: dict[str, Any] = {"time": now, "kind": "weight", "layer": names,
-                                "step": [m.steps for m in who], "rank": [m.id for m in who]}
-        if groups:
-            values = HostCopy(batched_stats(groups)).wait().numpy()
-        else:
-            values = np.zeros((0, len(STAT_NAMES)))
-        for j, s in enumerate(STAT_NAMES):
-            col = values[:, j]
-            cols[s] = col.astype(np.int64) if s in ("count", "nonfinite") else col
-        return to_batch("stats", cols)
-
-    # -- evolution ----------------------------------------------------------------------------------
-    def _evolve(self) -> None:
-        """Truncation exploit / explore and breeding, decided identically in every process."""
-        ms, pol, space = self.members, self.policy, self.config.space
-        active = np.array([m.active for m in ms])
-        quarantined = ~active
-        fit = self.fitness()
-        sim = self.config.similarity.matrix([m.spec for m in ms])
-        adjusted = diversity_penalty(fit, sim, pol.diversity)
-        actions = plan(adjusted, active, quarantined, pol, self.rng)
-        new: list[tuple[Action, MemberSpec, list[tuple[int, int]], int]] = []
-        for a in actions:  # every process draws the same specs and seeds
-            if a.kind == "exploit":
-                src = ms[a.parents[0]].spec
-                spec = space.perturb(src, self.rng, mode=pol.perturb, rate=pol.mutation_rate, resample=pol.resample,
-                                     arch_rate=pol.arch_mutation)
-                sources = None if spec.layers == src.layers else [(0, i) for i in _align(src.layers, spec.layers)]
-            else:
-                spec, sources = space.crossover(ms[a.parents[0]].spec, ms[a.parents[1]].spec, self.rng)
-                if self.rng.random() < pol.arch_mutation:
-                    mutated = space.perturb(spec, self.rng, rate=0.0, arch_rate=1.0)
-                    sources = [sources[i] if i >= 0 else (0, -1) for i in _align(spec.layers, mutated.layers)]
-                    spec = mutated
-            new.append((a, spec, sources, int(self.rng.integers(2**62))))
-        states = self._source_states({p for a, *_ in new for p in a.parents})
-        for a, spec, sources, seed in new:
-            m = ms[a.dst]
-            before = m.spec.arch + " " + _hp(m.spec)
-            self.lineage.append({"round": self.round, "member": a.dst, "kind": a.kind, "parents": a.parents,
-                                 "before": before, "after": spec.arch + " " + _hp(spec),
-                                 "detail": f"fitness {fit[a.dst]:.3f} <- " + ", ".join(f"{fit[p]:.3f}" for p in a.parents)})
-            m.spec, m.status, m.reason = spec, "active", ""
-            m.origin = f"{a.kind} " + "x".join(map(str, a.parents))
-            m.step_time = ms[a.parents[0]].step_time  # until measured: the first parent's
-            self.watch.reset(a.dst)
-            if not self.owns(a.dst):
-                continue
-            self._template(spec)
-            params = self._init_params(spec, seed)
-            buf = {k: torch.zeros_like(v) for k, v in params.items()}
-            if sources is None:  # same layers: a plain copy of weights and momentum
-                src = states[a.parents[0]]
-                params = {k: v.clone() for k, v in src[0].items()}
-                buf = {k: v.clone() for k, v in src[1].items()}
-            else:
-                self._inherit(spec, params, buf, [(states[a.parents[p]], i) for p, i in sources],
-                              [states[p] for p in a.parents])
-            m.params, m.buf = params, buf
-            m.gen = torch.Generator().manual_seed(seed)
-        # measure the new members now, so that the next allocation and best() see their own numbers
-        fresh: dict[tuple, list[Member]] = defaultdict(list)
-        for a, *_ in new:
-            if self.owns(a.dst):
-                fresh[ms[a.dst].spec.group_key].append(ms[a.dst])
-        for group in fresh.values():
-            self._evaluate(group)
-        if new:
-            self._exchange()
-
-    def _source_states(self, sources: set[int]) -> dict[int, tuple[dict, dict, MemberSpec]]:
-        """Weights, momentum and spec of the parents, gathered from whichever process owns them."""
-        mine = {i: ({k: v.cpu() for k, v in self.members[i].params.items()},
-                    {k: v.cpu() for k, v in self.members[i].buf.items()}, self.members[i].spec)
-                for i in sorted(sources) if self.owns(i)}
-        if self.world > 1:
-            gathered: list[Any] = [None] * self.world
-            dist.all_gather_object(gathered, mine)
-            mine = {k: v for d in gathered for k, v in d.items()}
-        return {i: ({k: v.to(self.device) for k, v in p.items()}, {k: v.to(self.device) for k, v in b.items()}, s)
-                for i, (p, b, s) in mine.items()}
-
-    def _inherit(self, spec: MemberSpec, params: dict, buf: dict, sources: list, parents: list) -> None:
-        """Copy each layer's weights from the parent layer it came from (``sources``: per child
-        layer, the parent's state and the layer's index there) where the shapes agree; the output
-        layer from the first of ``parents`` whose output layer fits."""
-        _, child_layers = self._template(spec)
-        for keys, (state, i) in zip(child_layers[:-1], sources):
-            if i < 0:
-                continue
-            p_params, p_buf, p_spec = state
-            p_keys = self._template(p_spec)[1]
-            if i >= len(p_keys) - 1:
-                continue
-            _copy_layer(keys, p_keys[i], params, buf, p_params, p_buf)
-        for p_params, p_buf, p_spec in parents:
-            if _copy_layer(child_layers[-1], self._template(p_spec)[1][-1], params, buf, p_params, p_buf):
-                break
 
     # -- results ------------------------------------------------------------------------------------
     def history(self) -> pd.DataFrame:
@@ -793,37 +452,5 @@ class Swarm:
         self.close()
 
 
-def _align(old: Sequence, new: Sequence) -> list[int]:
-    """For each entry of ``new``, its index in ``old`` where the two lists match (-1: new)."""
-    out = [-1] * len(new)
-    for block in difflib.SequenceMatcher(None, list(old), list(new), autojunk=False).get_matching_blocks():
-        for j in range(block.size):
-            out[block.b + j] = block.a + j
-    return out
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` (on the CPU) on ``device``; to a GPU through pinned memory, so the copy does not block the host."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def _to(tensors: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, torch.Tensor] | None:
     return None if tensors is None else {k: v.to(device) for k, v in tensors.items()}
-
-
-def _hp(spec: MemberSpec) -> str:
-    return f"lr={spec.lr:.3g} mom={spec.momentum:.2f} wd={spec.weight_decay:.2g}"
-
-
-def _copy_layer(keys: list[str], src_keys: list[str], params: dict, buf: dict, src_params: dict,
-                src_buf: dict) -> bool:
-    """Copy one layer's weights and momentum when every tensor's shape agrees; True if copied."""
-    if len(keys) != len(src_keys) or any(params[k].shape != src_params[s].shape for k, s in zip(keys, src_keys)):
-        return False
-    for k, s in zip(keys, src_keys):
-        params[k] = src_params[s].clone()
-        buf[k] = src_buf[s].clone()
-    return True
-
