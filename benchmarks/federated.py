@@ -81,7 +81,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import pandas as pd
 import torch
-from machine import describe, parse_args, show, write_json
+from machine import Clock, describe, epilogue, parse_args, show
 from scipy import stats
 from tqdm.auto import tqdm
 
@@ -599,15 +599,15 @@ def run_batches(det, v: np.ndarray, batch: int = UNIT_BATCH) -> tuple[list[int],
 
 
 # ================================================================================ (e) Flower
-def flower(quick: bool, fed: dict) -> tuple[pd.DataFrame, str]:
+def flower(quick: bool, fres: dict) -> tuple[pd.DataFrame, str]:
     try:
         from flwr.server.strategy.aggregate import aggregate
     except ImportError:
         return pd.DataFrame(), "flwr not installed — skipped"
     d = load("fair")
-    seed = fed["report_seeds"][0]
-    clients = fed.make_clients(d.x, d.y, fed["parts"]["fair"], seed=seed)
-    cfg = replace(fed["configs"]["fair"]["fedavg"], seed=seed)
+    seed = fres["report_seeds"][0]
+    clients = fed.make_clients(d.x, d.y, fres["parts"]["fair"], seed=seed)
+    cfg = replace(fres["configs"]["fair"]["fedavg"], seed=seed)
     trace = []
     fed.train(clients, cfg, on_step=lambda r, model, row: trace.append(model.params.clone()))
     p = ordinal.init_params(clients.features, clients.classes)
@@ -631,7 +631,7 @@ def flower(quick: bool, fed: dict) -> tuple[pd.DataFrame, str]:
 
 
 # ================================================================================ targets and main
-def targets(om: pd.DataFrame, pq: pd.DataFrame, fed: dict, dsum: pd.DataFrame, ut: pd.DataFrame) -> pd.DataFrame:
+def targets(om: pd.DataFrame, pq: pd.DataFrame, fres: dict, dsum: pd.DataFrame, ut: pd.DataFrame) -> pd.DataFrame:
     rows = []
 
     def add(target: str, value: str, met: bool | None) -> None:
@@ -640,10 +640,10 @@ def targets(om: pd.DataFrame, pq: pd.DataFrame, fed: dict, dsum: pd.DataFrame, u
     c, t = float(om.coef_max_abs_diff.max()), float(om.threshold_max_abs_diff.max())
     add("(a) coefficients (and thresholds) within 1e-3 of OrderedModel",
         f"max |coef diff| {c:.1e}, |threshold diff| {t:.1e} over {len(om)} data sets", max(c, t) <= 1e-3)
-    pr = fed["paired"]
+    pr = fres["paired"]
     for name in CLIENTS:
         r = pr[(pr.data == name) & pr.is_ours].iloc[0]
-        h = fed["headroom"][name]
+        h = fres["headroom"][name]
         add(f"(c) {name}: ours' MAE after 1 step >= 5% below the best tuned anchor, <= 10% of clients worse "
             "than alone",
             f"{r.method.split()[0]} + {r.adaptation} {r.method_mae_1:.4f} vs {r.vs} {r.anchor_mae_1:.4f}: change "
@@ -651,7 +651,7 @@ def targets(om: pd.DataFrame, pq: pd.DataFrame, fed: dict, dsum: pd.DataFrame, u
             f"worse than alone {100 * r.worse_than_alone_1:.0f}%; headroom: the best of every method per client, "
             f"chosen on test, {h['oracle_mae']:.4f} ({100 * h['rel']:+.1f}%)",
             bool(r.rel_change <= -0.05 and r.worse_than_alone_1 <= 0.10))
-    rt = fed["rounds"]
+    rt = fres["rounds"]
     ours_rt = rt[rt.is_ours]
     value = "; ".join(f"{r.data} {r.method.split()[0]} {r.median_fraction:.2f} ({r.reached})" for r in ours_rt.itertuples())
     add("(c) FedAvg + fine-tuning's final MAE reached in <= 1/3 of its rounds (median over seeds)",
@@ -694,14 +694,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device=cpu cpu={info['cpu']!r} cores={info['cpu_count']} threads={info['torch_threads']} "
           f"torch={info['torch']} mode={'quick' if quick else 'full'} load average at start={os.getloadavg()[0]:.2f}")
     torch.manual_seed(0)
-    t_start = time.perf_counter()
-    clock = {}
+    clock = Clock()
 
     def timed(section, fn, *a):
-        t0 = time.perf_counter()
-        out = fn(quick, *a)
-        clock[section] = time.perf_counter() - t0
-        return out
+        with clock.section(section):
+            return fn(quick, *a)
 
     om = timed("a", ordered_model)
     shown = om.copy()
@@ -716,8 +713,8 @@ def main(argv: list[str] | None = None) -> dict:
          pq, 3, note="accuracy: held-out, mean over seeds (sd, min); largest_x_mean: largest part / mean part "
                      "(mean, max over seeds); partition_s: median time to partition")
 
-    fed = timed("c", federated)
-    tun = fed["tuning"]
+    fres = timed("c", federated)
+    tun = fres["tuning"]
     compact = []
     for (dname, m), g in tun.groupby(["data", "method"], sort=False):
         ch = g[g.chosen == "<-"].iloc[0]
@@ -729,17 +726,17 @@ def main(argv: list[str] | None = None) -> dict:
          note="val_mae_1 / val_loss_1: mean over clients after one adaptation step from the returned (best-on-"
               "validation) model; worst_val_mae_1: the worst configuration; failed_updates: client updates left "
               "out as non-finite over all configurations; train_s: mean per configuration")
-    show(f"(c) Test metrics over report seeds {list(fed['report_seeds'])} (mean over seeds x clients), "
-         f"{fed['rounds_run']} rounds", fed["results"], 4, note="acc_s / mae_s: after s local steps from the global model (fedavg at 1/5 = FedAvg + fine-tuning); "
+    show(f"(c) Test metrics over report seeds {list(fres['report_seeds'])} (mean over seeds x clients), "
+         f"{fres['rounds_run']} rounds", fres["results"], 4, note="acc_s / mae_s: after s local steps from the global model (fedavg at 1/5 = FedAvg + fine-tuning); "
                  "worse_s: share of (seed, client) whose MAE after s steps is above training alone; alone: each "
                  "client's own model (fed.local_only); bytes_per_client: sent + received over all rounds; "
                  "(ours): the meta method with the lowest tuning validation MAE; sizes: client rows (min-max); partition "
-                 "time " + ", ".join(f"{k} {v:.1f} s" for k, v in fed["partition_s"].items()))
-    show("(c) Paired MAE after 1 step: meta method - best anchor, per (seed, client), 95% t-interval", fed["paired"]
+                 "time " + ", ".join(f"{k} {v:.1f} s" for k, v in fres["partition_s"].items()))
+    show("(c) Paired MAE after 1 step: meta method - best anchor, per (seed, client), 95% t-interval", fres["paired"]
          .drop(columns=["is_ours"]), 4, note="best anchor: the anchor with the lowest mean test MAE after 1 step; "
                                              "rel_*: over the anchor's mean MAE (negative: the meta method is better)")
     show("(c) Rounds to FedAvg + fine-tuning's final validation MAE (after 1 step), over FedAvg's rounds",
-         fed["rounds"].drop(columns=["is_ours"]), 3,
+         fres["rounds"].drop(columns=["is_ours"]), 3,
          note="median / max over report seeds (inf: not reached); fedavg_own_fraction: FedAvg's own first round at "
               "that MAE; bytes_to_target: bytes per client up to the median round")
 
@@ -756,29 +753,24 @@ def main(argv: list[str] | None = None) -> dict:
          note="delay in rows after the change; false_alarms: alarms other than the first after the change, summed "
               "over streams; 'none': no change (every alarm false)")
 
-    fl, fl_note = timed("e", flower, fed)
+    fl, fl_note = timed("e", flower, fres)
     if len(fl):
         show(f"(e) Flower FedAvg cross-check ({fl_note})", fl, 6,
              note="max_abs_param_diff: Flower's weighted average against fed.train's FedAvg, round by round")
     else:
         print(f"\n== (e) Flower FedAvg cross-check: {fl_note} ==")
 
-    tg = targets(om, pq, fed, dsum, ut)
-    total = time.perf_counter() - t_start
+    tg = targets(om, pq, fres, dsum, ut)
     show("targets", tg)
-    print("section seconds: " + ", ".join(f"({s}) {v:.0f}" for s, v in clock.items())
-          + f"; total {total:.0f} s; load average at end={os.getloadavg()[0]:.2f}")
     out = {"machine": info, "mode": "quick" if quick else "full", "ordered_model": om.to_dict(orient="records"),
            "partition_quality": pt.to_dict(orient="records"), "partition_summary": pq.to_dict(orient="records"),
-           "tuning": fed["tuning"].to_dict(orient="records"), "results": fed["results"].to_dict(orient="records"),
-           "paired": fed["paired"].to_dict(orient="records"), "headroom": fed["headroom"], "rounds_to_target": fed["rounds"].to_dict(orient="records"),
-           "configs": {n: {m: asdict(c) for m, c in v.items()} for n, v in fed["configs"].items()},
+           "tuning": fres["tuning"].to_dict(orient="records"), "results": fres["results"].to_dict(orient="records"),
+           "paired": fres["paired"].to_dict(orient="records"), "headroom": fres["headroom"], "rounds_to_target": fres["rounds"].to_dict(orient="records"),
+           "configs": {n: {m: asdict(c) for m, c in v.items()} for n, v in fres["configs"].items()},
            "drift": dt.to_dict(orient="records"), "drift_summary": dsum.to_dict(orient="records"),
            "drift_unit_streams": ut.to_dict(orient="records"),
-           "flower": fl.to_dict(orient="records"), "flower_status": fl_note, "targets": tg.to_dict(orient="records"),
-           "section_s": {k: round(v, 1) for k, v in clock.items()}, "runtime_s": round(total, 1)}
-    write_json(args.json, out)
-    return out
+           "flower": fl.to_dict(orient="records"), "flower_status": fl_note, "targets": tg.to_dict(orient="records")}
+    return epilogue(args, out, clock)
 
 
 if __name__ == "__main__":
