@@ -327,8 +327,7 @@ SOAK_MEMBERS, SOAK_PRODUCERS, CLAIMED_HZ = 64, 4, 50.0  # the bus's claim: 64 me
 def _soak_producer(rank: int, address: str, members: list[int], hz: float, duration_s: float,
                    start_at: float) -> None:
     torch.set_num_threads(1)
-    import adaptive_kit.swarm  # noqa: F401 - registers the swarm schema
-    from adaptive_kit.swarm.bus import SWARM_SCHEMA
+    from adaptive_kit.swarm import SWARM_SCHEMA  # importing the swarm registers its schema
     sink = ZmqPushSink(address, producer=f"soak{rank}", heartbeat_s=1.0)
     ids = np.array(members, np.int32)
     seq = np.zeros(len(ids), np.int64)
