@@ -14,6 +14,8 @@ from bokeh.plotting import figure
 from .plots import colour_key, house_style, set_title
 from .swarm_plots import ALARM_COLOR, EDGE_COLOR, NAN_COLOR
 
+RELAYOUT_SHARE = 0.5  # lay out again once this share of the edges changed since the last layout
+
 
 def sparse_edges(similarity: np.ndarray, threshold: float, neighbours: int) -> frozenset[tuple[int, int]]:
     """Pairs ``(a, b)``, ``a < b``, where ``b`` is one of ``a``'s ``neighbours`` most similar members
@@ -106,6 +108,8 @@ class SwarmGraph:
         self.layouts = 0
         self._specs: list | None = None
         self._arch_cache: dict[tuple, float] = {}
+        self._drift: set[tuple[int, int]] = set()  # edges changed since the last layout
+        self._changed: set[int] = set()  # members whose spec changed at the last update
         self.node_source = ColumnDataSource(self._node_data())
         self.edge_source = ColumnDataSource({"x0": [], "y0": [], "x1": [], "y1": [], "a": [], "b": [],
                                              "similarity": [], "alpha": []})
@@ -146,22 +150,38 @@ class SwarmGraph:
         if changed:
             self.similarity = similarity_matrix(self.swarm.config.similarity, specs, self._arch_cache)
         self._specs = specs
+        self._changed = set(changed)
         return changed
 
     def layout(self, threshold: float) -> bool:
-        """The sparse edges at ``threshold``; a new layout when they changed. Returns whether they did."""
+        """The sparse edges at ``threshold``; returns whether they changed. A new layout when at least
+        :data:`RELAYOUT_SHARE` of the edges changed since the last one (:attr:`layouts` counts them)."""
         edges = sparse_edges(self.similarity, threshold, self.neighbours)
         if edges == self.edges:
             return False
-        g = nx.Graph()
-        g.add_nodes_from(range(self.n))
-        g.add_weighted_edges_from((a, b, float(self.similarity[a, b])) for a, b in edges)
+        if self.edges is not None and len(self.positions) == self.n:
+            # a few new edges (members replaced in a round) keep the layout; the next big change
+            # (or the changes adding up) lays the graph out again: a live 256-member swarm then
+            # spends its redraws drawing, not laying out
+            self._drift |= edges ^ self.edges
+            if len(self._drift) < RELAYOUT_SHARE * max(len(edges), 1):
+                self.edges = edges
+                self.graph = self._graph(edges)
+                # a replaced member joins its new neighbours (their mean position, a little apart)
+                for i in self._changed:
+                    near = [j for j in self.graph.neighbors(i) if j not in self._changed]
+                    if near:
+                        jitter = np.random.default_rng(self.seed + i).normal(0, 0.03, 2)
+                        self.positions[i] = np.mean([self.positions[j] for j in near], axis=0) + jitter
+                return True
+        self._drift = set()
+        g = self._graph(edges)
         self.graph = g
         if self.n > 1:
             init = self.positions if len(self.positions) == self.n else None
             # k: the spacing between nodes; a little above 1/sqrt(n) keeps separate clusters apart
             pos = nx.spring_layout(g, pos=init, weight="weight", seed=self.seed, k=1.5 / math.sqrt(self.n),
-                                   iterations=50 if init is None else 25)
+                                   iterations=50 if init is None else 15)
             xy = np.array([pos[i] for i in range(self.n)], dtype=float)
             xy -= np.median(xy, axis=0)
             # scale so that most members fill the figure; a far, lonely member (no similar neighbour)
@@ -174,6 +194,12 @@ class SwarmGraph:
         self.edges = edges
         self.layouts += 1
         return True
+
+    def _graph(self, edges) -> nx.Graph:
+        g = nx.Graph()
+        g.add_nodes_from(range(self.n))
+        g.add_weighted_edges_from((a, b, float(self.similarity[a, b])) for a, b in edges)
+        return g
 
     def draw_edges(self, threshold: float) -> None:
         order = sorted(self.edges or ())
