@@ -43,6 +43,12 @@ from .federated_plots import (
     STEPS,
     part_colors,
 )
+from .plots import house_style, set_title
+
+
+def _best_round(name: str, best: int) -> str:
+    return (f"{name} kept its starting model (no round improved validation)" if best < 0
+            else f"{name} best at round {best + 1}")
 
 
 def _failed(what: str, e: Exception) -> str:
@@ -70,14 +76,14 @@ class PartitionTab:
         self.points_source = ColumnDataSource({"x": [], "y": [], "label": [], "part": [], "color": [],
                                                "kmeans": [], "kmeans_color": []})
         tools = "pan,wheel_zoom,box_zoom,reset,save"
-        self.ours_fig = figure(title="adaptive partition", width=420, height=360, tools=tools)
-        self.kmeans_fig = figure(title="k-means", width=420, height=360, tools=tools,
+        self.ours_fig = figure(title="adaptive partition", width=370, height=360, tools=tools)
+        self.kmeans_fig = figure(title="k-means", width=370, height=360, tools=tools,
                                  x_range=self.ours_fig.x_range, y_range=self.ours_fig.y_range)
         for fig, color, part in ((self.ours_fig, "color", "part"), (self.kmeans_fig, "kmeans_color", "kmeans")):
             fig.scatter("x", "y", color=color, source=self.points_source, size=4, alpha=0.6)
             fig.add_tools(HoverTool(tooltips=[("part", f"@{part}"), ("class", "@label")]))
         self.sizes_source = ColumnDataSource({"rank": [], "ours": [], "kmeans": []})
-        self.sizes_fig = figure(x_range=FactorRange(), title="rows per part", width=420, height=360,
+        self.sizes_fig = figure(x_range=FactorRange(), title="rows per part", width=400, height=360,
                                 x_axis_label="part, largest first", y_axis_label="rows", tools="save")
         self.sizes_fig.vbar(x=dodge("rank", -0.18, range=self.sizes_fig.x_range), top="ours", width=0.34,
                             color=OURS_COLOR, source=self.sizes_source, legend_label="ours")
@@ -85,7 +91,7 @@ class PartitionTab:
                             color=KMEANS_COLOR, source=self.sizes_source, legend_label="k-means")
         self.mean_span = Span(location=0, dimension="width", line_dash="dashed", line_color="black")
         self.sizes_fig.add_layout(self.mean_span)
-        self.sizes_fig.legend.location = "top_right"
+        house_style(self.ours_fig), house_style(self.kmeans_fig), house_style(self.sizes_fig, legend="below")
         self.sizes_fig.xgrid.grid_line_color = None
         # one bokeh document: the scatters share their ranges and source
         self.partition_widget = BokehModel(row(self.ours_fig, self.kmeans_fig, self.sizes_fig))
@@ -153,9 +159,10 @@ class PartitionTab:
         self.sizes_fig.x_range.factors = ranks
         self.mean_span.location = len(self.data.x) / parts
         lo, lk = largest_over_mean(self.partition.labels, parts), largest_over_mean(self.kmeans_labels, parts)
-        self.sizes_fig.title.text = f"rows per part (dashed: mean); largest ÷ mean: ours {lo:.2f}, k-means {lk:.2f}"
-        self.ours_fig.title.text = f"adaptive partition: {parts} parts"
-        self.kmeans_fig.title.text = f"k-means: {parts} clusters"
+        set_title(self.sizes_fig, f"rows in each of the {parts} parts, largest first (dashed: mean); largest ÷ mean: "
+                                  f"ours {lo:.2f}, k-means {lk:.2f}")
+        set_title(self.ours_fig, f"adaptive partition: {parts} parts (colour: part)")
+        set_title(self.kmeans_fig, f"k-means: {parts} clusters (colour: cluster)")
         self.balance.value = (f"granularity {self.granularity.value:.2f}, min size {self.min_size.value}: "
                               f"<b>{parts}</b> parts of {len(self.data.x):,} rows · largest ÷ mean "
                               f"<b>{lo:.2f}</b> (k-means {lk:.2f})")
@@ -188,7 +195,7 @@ class PersonalisationTab:
         legend[0].label, legend[1].label = value(NAMES[BASELINE]), value(NAMES[method])
         self.mae_source = ColumnDataSource(self._empty_mae())
         self.mae_fig = figure(x_range=FactorRange(), title="test MAE per client", width=620, height=300,
-                              x_axis_label="client (part)", y_axis_label="MAE", tools="save")
+                              x_axis_label="client (part)", y_axis_label="MAE (classes)", tools="save")
         for name, offset, color in ((BASELINE, -0.2, BASELINE_COLOR), ("meta", 0.2, META_COLOR)):
             self.mae_fig.vbar(x=dodge("client", offset, range=self.mae_fig.x_range), top=name, width=0.38,
                               color=color, source=self.mae_source, legend_label=NAMES.get(name, name))
@@ -197,8 +204,7 @@ class PersonalisationTab:
         self.alone_span = Span(location=0, dimension="width", line_dash="dashed", line_color=ALONE_COLOR,
                                visible=False)
         self.mae_fig.add_layout(self.alone_span)
-        self.mae_fig.legend.location = "top_left"
-        self.mae_fig.legend.orientation = "horizontal"
+        house_style(self.mae_fig)
         self.mae_fig.xgrid.grid_line_color = None
         self.mae_fig.add_tools(HoverTool(tooltips=[("client", "@client"), ("train rows", "@rows"),
                                                    ("FedAvg", "@fedavg{0.000}"), ("meta", "@meta{0.000}"),
@@ -228,7 +234,7 @@ class PersonalisationTab:
         method, rounds = self.method.value, int(self.rounds.value)
         self.val_plot.clear()
         self.val_plot.figure.legend.items[1].label = value(NAMES[method])
-        self.val_plot.figure.title.text = f"validation loss after one adaptation step: FedAvg vs {NAMES[method]}"
+        set_title(self.val_plot.figure, f"validation loss after one adaptation step: FedAvg vs {NAMES[method]}")
         self.progress.value, self.progress.max = 0, 2 * rounds
         self.train_button.disabled = True
         results: dict[str, fed.FederatedResult] = {}
@@ -265,7 +271,7 @@ class PersonalisationTab:
                                    f"alone {s.loc['alone', 'mae_0']:.3f}")
         with self.out:
             print(f"trained FedAvg and {NAMES[method]} for {rounds} rounds on {self.clients.n} clients "
-                  f"(best rounds {results[BASELINE].best_round}, {results[method].best_round})")
+                  f"({'; '.join(_best_round(NAMES[m], results[m].best_round) for m in (BASELINE, method))})")
         return self.results
 
     def _draw_mae(self) -> None:
@@ -285,8 +291,8 @@ class PersonalisationTab:
 
     def _title_mae(self) -> None:
         s = int(self.steps.value)
-        self.mae_fig.title.text = (f"test MAE per client after {s} adaptation step{'s' * (s != 1)} "
-                                   f"(dash, dashed line: trained alone)")
+        set_title(self.mae_fig, f"test MAE per client after {s} adaptation step{'s' * (s != 1)} "
+                                f"(dash, dashed line: trained alone)")
 
     @property
     def method_trained(self) -> str | None:
@@ -336,7 +342,7 @@ class DriftTab:
         self.alarm_source = ColumnDataSource({"batch": [], "y": [], "detector": [], "color": [], "marker": []})
         self.rebuild_source = ColumnDataSource({"batch": [], "loss": []})
         self.loss_fig = figure(title="loss per batch", width=620, height=300, x_axis_label="batch",
-                               y_axis_label="mean log loss", tools=tools)
+                               y_axis_label="mean log loss (nats)", tools=tools)
         self.loss_fig.line("batch", "loss", source=self.loss_source, line_width=2, color=Category10_10[0],
                            legend_label="loss")
         self.loss_fig.scatter("batch", "y", source=self.alarm_source, color="color", marker="marker", size=11,
@@ -348,7 +354,7 @@ class DriftTab:
         self.cursor = Span(location=self.warmup, dimension="height", line_color="gray", line_alpha=0.6)
         for span in (*self.change_spans, self.cursor):
             self.loss_fig.add_layout(span)
-        self.loss_fig.legend.location = "top_left"
+        house_style(self.loss_fig)
         self.loss_fig.add_tools(HoverTool(tooltips=[("batch", "@batch"), ("loss", "@loss{0.000}")]))
         self.parts_fig = figure(title="parts and largest share", width=620, height=240, x_axis_label="batch",
                                 y_axis_label="parts", tools=tools, x_range=self.loss_fig.x_range)
@@ -360,9 +366,10 @@ class DriftTab:
                             color=Category10_10[5], y_range_name="share", legend_label="largest share")
         for c in self.stream.changes:
             self.parts_fig.add_layout(Span(location=c, dimension="height", line_dash="dashed", line_color="red"))
-        self.parts_fig.legend.location = "top_left"
+        house_style(self.parts_fig)
         self.window_source = ColumnDataSource({"x": [], "y": [], "part": [], "color": []})
         self.window_fig = figure(title="newest window", width=420, height=360, tools=tools)
+        house_style(self.window_fig)
         self.window_fig.scatter("x", "y", color="color", source=self.window_source, size=5, alpha=0.7)
         self.window_fig.add_tools(HoverTool(tooltips=[("part", "@part")]))
         self.stream_widget = BokehModel(column(self.loss_fig, self.parts_fig))  # shared x range and source
@@ -408,7 +415,7 @@ class DriftTab:
             first = {n: next((b for b in run.alarms.get(n, []) if b >= s.changes[0]), None) for n in DETECTORS}
             title += (f" (red dashed: change at {', '.join(map(str, s.changes))}; first alarm: "
                       + ", ".join(f"{n} {'none' if b is None else b}" for n, b in first.items()) + ")")
-        self.loss_fig.title.text = title
+        set_title(self.loss_fig, title)
         self.drift_status.value = (f"{len(run.partitions)} partitions ({len(run.partitions) - 1} rebuilt), "
                                    f"alarms: " + ", ".join(f"{n} {len(v)}" for n, v in run.alarms.items()))
         if self.batch.value == len(s.x) - 1:
@@ -445,5 +452,5 @@ class DriftTab:
                                    "color": part_colors(labels, part.parts)}
         names = self.data.features if len(self.data.features) == d else [f"x{k}" for k in range(d)]
         self.window_fig.xaxis.axis_label, self.window_fig.yaxis.axis_label = names[i], names[j]
-        self.window_fig.title.text = (f"batches {max(0, b + 1 - self.refit_batches)}–{b}: partition made at batch "
-                                      f"{made} ({part.parts} parts)")
+        set_title(self.window_fig, f"batches {max(0, b + 1 - self.refit_batches)}–{b}: partition made at batch "
+                                   f"{made} ({part.parts} parts; colour: part)")
