@@ -26,6 +26,7 @@ from .swarm_feed import SwarmFeed
 from .swarm_graph import SwarmGraph, sparse_edges
 from .swarm_plots import (
     ALARM_COLOR,
+    ALARM_ROUNDS,
     DASHES,
     EDGE_COLOR,
     GOALS,
@@ -101,18 +102,15 @@ class SwarmPanel(Panel):
         self.feed = SwarmFeed(self.collector, self.n)
         self.alarm_rows: list[dict[str, Any]] = []
         self.alarm_counts = np.zeros(self.n, dtype=int)
+        self.alarm_round = np.full(self.n, -10**9)  # per member, the round of its latest alarm
         self._selected: list[int] = []
 
         # counters a test or a browser check reads
-        self.redraws = 0
+        self.redraws, self.ticks, self.dropped_ticks = 0, 0, 0
         self.ages: list[float] = []
         self.redraw_s: list[float] = []
-        self.ticks = 0
-        self.dropped_ticks = 0
-        self._last_redraw = -math.inf
-        self._tick_done = -math.inf
-        self._pending = False
-        self._quiet = False
+        self._last_redraw = self._tick_done = -math.inf
+        self._pending = self._quiet = False
         self._problem = ""
 
         self._build_controls(metric, threshold, stat, interval_ms, max_rounds)
@@ -386,6 +384,7 @@ class SwarmPanel(Panel):
         recs = alarms[["time", "round", "member", "detector", "kind", "scope", "evidence", "value"]].to_dict("records")
         self.alarm_rows.extend(recs)
         np.add.at(self.alarm_counts, alarms["member"].to_numpy(dtype=int), 1)
+        np.maximum.at(self.alarm_round, alarms["member"].to_numpy(dtype=int), alarms["round"].to_numpy(dtype=int))
         self.heat_alarm_source.stream({"member": alarms["member"].astype(int).tolist(),
                                        "round": alarms["round"].astype(int).tolist(),
                                        "detector": alarms["detector"].astype(str).tolist(),
@@ -415,7 +414,8 @@ class SwarmPanel(Panel):
 
     def _outline(self, status: Sequence[str]) -> tuple[list[str], list[float]]:
         quarantined = np.array([s == "quarantined" for s in status])
-        flagged = quarantined | (self.alarm_counts > 0)
+        # a ring for an alarm in the last rounds only (every alarm ever rings every member in the end)
+        flagged = quarantined | (self.alarm_round >= self.swarm.round - ALARM_ROUNDS)
         return ([ALARM_COLOR if f else "#333333" for f in flagged],
                 [3.0 if q else 2.0 if f else 1.0 for q, f in zip(quarantined, flagged)])
 

@@ -80,7 +80,7 @@ def similarity_matrix(sim, specs: Sequence, arch_cache: dict[tuple, float] | Non
 def node_sizes(n: int) -> tuple[float, float]:
     """(smallest, largest) node size in px for a swarm of ``n``: smaller nodes for larger swarms."""
     shrink = min(1.0, math.sqrt(32 / max(n, 1)))
-    return max(5.0, 9 * shrink), max(9.0, 26 * shrink)
+    return max(5.0, 9 * shrink), max(9.0, 22 * shrink)
 
 
 class SwarmGraph:
@@ -131,7 +131,7 @@ class SwarmGraph:
                  x_offset=6, y_offset=-4, text_font_size="9pt", text_font_style="bold", text_color="#000000")
         self.node_hover = HoverTool(renderers=[self.node_renderer])
         fig.add_tools(self.node_hover, TapTool(renderers=[self.node_renderer]))
-        colour_key(fig, {"alarm (red ring)": ALARM_COLOR, "quarantined": NAN_COLOR, "selected (black ring)": "#000000"},
+        colour_key(fig, {"alarm, last 3 rounds (red ring)": ALARM_COLOR, "quarantined": NAN_COLOR, "selected (black ring)": "#000000"},
                    side="below", marker="circle")
         self.figure = house_style(fig)
 

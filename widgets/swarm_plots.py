@@ -19,6 +19,7 @@ GOALS = ("accuracy", "loss", "efficiency", "generalisation")
 PALETTE = Viridis256
 NAN_COLOR = "#cfcfcf"  # quarantined or not yet measured
 ALARM_COLOR = "#d62728"
+ALARM_ROUNDS = 3  # rounds a member's alarm ring stays on the graph (the heatmap keeps every alarm)
 EDGE_COLOR = "#8c8c8c"
 DASHES = ("solid", "dashed", "dotted", "dotdash", "dashdot")  # out, h0, h1, ...
 

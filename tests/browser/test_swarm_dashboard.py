@@ -18,7 +18,9 @@ SECONDS, MEMBERS = 60, 64
 def test_swarm_dashboard_keeps_up_for_a_minute(lab_page, artifacts):
     figures = measure_swarm_dashboard(lab_page, seconds=SECONDS, members=MEMBERS)
     (artifacts / "swarm_dashboard.json").write_text(json.dumps(figures, indent=1))
-    lab_page.screenshot(artifacts / "swarm_dashboard.png", lab_page.panel_cell("Live swarm"))
+    lab_page.screenshot_cell(artifacts / "swarm_dashboard.png", lab_page.panel_cell("Live swarm"))
+    problems = lab_page.layout_problems()
+    assert not problems, "\n".join(problems)
     print(json.dumps(figures, indent=1))
 
     kernel = figures["kernel"]
