@@ -15,7 +15,7 @@ and batch chosen for DDP in a pilot) and each gets the same number of configurat
   post_local   period P in {4, 8, 16, 32}, warm-up 10 % of the steps
   diloco       period P in {4, 16} x outer Nesterov lr {0.3, 0.7}, momentum 0.9
   ours         base period {8, 16} x the network the Region Manager plans for {lan, wan};
-               everything else at SpecConfig's defaults
+               everything else at SpeculativeConfig's defaults
 
 Selection rule, applied to every method on the tuning seed 0 (its own split, shards, initial
 weights and batches): among the configurations whose final test loss is <= 1.05x DDP's on that

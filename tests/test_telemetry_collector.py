@@ -535,7 +535,7 @@ def test_nonfinite_gradients_are_counted_and_never_crash():
     tel.close()
 
 
-def test_on_record_alarms_are_stored_on_the_step_record():
+def test_on_step_alarms_are_stored_on_the_step_record():
     model = make_mlp()
     seen: list[StepRecord] = []
 
@@ -545,7 +545,7 @@ def test_on_record_alarms_are_stored_on_the_step_record():
             return [Alarm(rec.step, "test", "grad", "0", "meso", "even step", float(rec.step))]
         return None
 
-    tel = Telemetry(model, "macro", on_record=on_record)
+    tel = Telemetry(model, "macro", on_step=on_record)
     for step in range(3):
         run_step(tel, model, step)
     tel.close()

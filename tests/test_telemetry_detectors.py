@@ -681,7 +681,7 @@ def train_run(data, fault: Fault | None, level: str = "meso", steps: int = 80) -
     inj = FaultInjector(fault, model, opt, n_classes=10)
     tel = Telemetry(model, level)
     suite = DetectorSuite.for_telemetry(tel)
-    tel.on_record = suite
+    tel.on_step = suite
     g = torch.Generator().manual_seed(0)
     losses = []
     for step in range(steps):

@@ -441,7 +441,7 @@ def test_controller_escalates_the_alarmed_layer_on_the_next_step_then_relaxes():
     with pytest.warns(UserWarning, match=r"replaces the collector's levels.*raw.*keep_levels=True"):
         ctl = Controller(tel, RulePolicy(base="meso", escalate="raw", quiet=3, look_every=0),
                          suite=DetectorSuite([FiresAt(5, "act", "1")]), steps_total=20)
-    assert tel.on_record is ctl
+    assert tel.on_step is ctl
     assert set(tel.plan.values()) == {"meso"}  # the policy's first plan replaced "raw"
     plans = drive(tel, model, 13)
     hooks = sum(len(m._forward_hooks) for m in model.modules())
@@ -819,15 +819,9 @@ def test_episodes_run_and_record_on_the_device_they_are_given(monkeypatch):
         episodes.run(spec, "off", device="meta")
 
 
-def test_on_step_is_the_callback_and_on_record_its_former_name():
+def test_on_step_is_the_callback():
     spec = EpisodeSpec("mlp", None, steps=4)
-    seen, old = [], []
+    seen = []
     episodes.run(spec, "macro", device="cpu", on_step=lambda rec, alarms, obs: seen.append(rec.step))
-    episodes.run(spec, "macro", device="cpu", on_record=lambda rec, alarms, obs: old.append(rec.step))
-    assert seen == old == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match="on_step"):
-        episodes.run(spec, on_step=print, on_record=print)
-    tel = Telemetry(mlp([4, 3]), "macro", on_record=print)
-    assert tel.on_step is print and tel.on_record is print
-    with pytest.raises(ValueError, match="on_step"):
-        Telemetry(mlp([4, 3]), on_step=print, on_record=print)
+    assert seen == [0, 1, 2, 3]
+    assert Telemetry(mlp([4, 3]), "macro", on_step=print).on_step is print

@@ -10,10 +10,8 @@ from widgets import SpeculativePanel
 from widgets.speculative import (
     LiveHeatmap,
     loss_vs_bytes,
-    priced,
     reconciliation_bars,
     region_heatmap,
-    tagged_outputs,
     time_to_target_bars,
 )
 
@@ -100,7 +98,7 @@ def test_network_profile_replans_ours_and_reprices_the_anchors(panel):
     assert np.array_equal(np.asarray(panel.heatmap.source.data["p"]).reshape(panel.results["ours"].p.shape),
                           panel.results["ours"].p)
     assert "wan" in panel.time_fig.title.text and "simulated s (wan)" in panel.table.value
-    timed = priced(panel.results)
+    timed = sp.with_shared_compute(panel.results)
     assert wan == pytest.approx([r.simulated_time("wan")[-1] for r in timed.values()])
     table = panel.summary("datacentre")
     assert table.loc["DDP", "bytes vs DDP"] == 1.0
@@ -108,7 +106,7 @@ def test_network_profile_replans_ours_and_reprices_the_anchors(panel):
 
 
 def test_priced_runs_share_one_compute_time(panel):
-    timed = priced(panel.results)
+    timed = sp.with_shared_compute(panel.results)
     assert len({r.compute_s for r in timed.values()}) == 1
     assert next(iter(timed.values())).compute_s == min(r.compute_s for r in panel.results.values())
     assert all(timed[k].history is r.history for k, r in panel.results.items())  # no copies, no retraining
@@ -187,9 +185,9 @@ def test_static_figures(panel):
     with pytest.raises(ValueError, match="regions"):
         region_heatmap(ours.p, ours.regions[:-1])
     assert len(loss_vs_bytes(panel.results).renderers) == 2 * len(panel.results)
-    bars = time_to_target_bars(priced(panel.results), target=0.0)  # nobody reaches zero loss
+    bars = time_to_target_bars(sp.with_shared_compute(panel.results), target=0.0)  # nobody reaches zero loss
     assert bars.renderers[0].data_source.data["t"] == [] and "never reached" in bars.title.text
-    kept, recomputed = tagged_outputs(ours)
+    kept, recomputed = ours.tagged_outputs()
     assert kept + recomputed == int(ours.history["tagged"].sum()) * K
     assert recomputed == int(ours.history["recomputes"].sum())
     assert reconciliation_bars(ours).renderers[0].data_source.data["y"] == [kept, recomputed]

@@ -31,7 +31,7 @@ from .plots import house_style, key_entry, set_title
 METHODS = ("ours", "DDP", "local SGD")  # the panel's three runs, in the order they train
 COLORS = dict(zip(METHODS, Category10_10))  # the same colour for a method in every plot
 TARGET_RATIO = 1.05  # time to target: the first evaluation at <= 1.05 x DDP's final test loss
-TASKS = {"digits": sp.digits_task, "sequence": sp.sequence_task, "regression": sp.regression_task}
+TASKS = {"digits": sp.tasks.digits_task, "sequence": sp.tasks.sequence_task, "regression": sp.tasks.regression_task}
 
 
 def _heatmap_figure(source: ColumnDataSource, regions: Sequence[str], *, title: str, width: int,
@@ -120,19 +120,13 @@ def region_heatmap(p: np.ndarray, regions: Sequence[str], *, title: str = "specu
     return _heatmap_figure(src, names, title=title, width=width, height=height)
 
 
-def bytes_to(result: sp.RunResult) -> np.ndarray:
-    """Cumulative training bytes each worker had sent after every evaluation of ``result``."""
-    sent = (result.history["payload_bytes"] + result.history["control_bytes"]).cumsum().to_numpy()
-    return sent[result.evals["step"].to_numpy()]
-
-
 def loss_vs_bytes(results: Mapping[str, sp.RunResult], *, title: str = "test loss against bytes sent",
                   width: int = 640, height: int = 300):
     """Test loss of the averaged model against cumulative bytes per worker, one line per run."""
     fig = figure(title=title, width=width, height=height, x_axis_type="log", tools="pan,wheel_zoom,reset,save",
                  x_axis_label="bytes sent per worker (B, log)", y_axis_label="test loss")
     for i, (name, r) in enumerate(results.items()):
-        x = np.maximum(bytes_to(r), 1)
+        x = np.maximum(r.bytes_at_evals(), 1)
         color = Category10_10[i % 10]
         fig.line(x, r.evals["test_loss"], legend_label=name, color=color, line_width=2)
         fig.scatter(x[-1:], r.evals["test_loss"].iloc[-1:], color=color, size=8, legend_label=name)
@@ -153,13 +147,6 @@ def final_loss_vs_bytes(sweeps: Mapping[str, Sequence[sp.RunResult]], *,
         fig.scatter([x for x, _ in pts], [y for _, y in pts], color=color, size=10, legend_label=name,
                     marker="star" if name == "ours" else "circle")
     return house_style(fig)
-
-
-def priced(results: Mapping[str, sp.RunResult]) -> dict[str, sp.RunResult]:
-    """The runs with one shared compute time per step (the smallest measured), so that simulated
-    times differ by communication and recompute only, not by when each run's calibration ran."""
-    c = min(r.compute_s for r in results.values())
-    return {k: replace(r, compute_s=c) for k, r in results.items()}
 
 
 def time_to_target_bars(results: Mapping[str, sp.RunResult], target: float,
@@ -193,7 +180,7 @@ def time_to_target_bars(results: Mapping[str, sp.RunResult], target: float,
 
 def reconciliation_bars(result: sp.RunResult, *, width: int = 360, height: int = 260):
     """Tagged outputs of a run (one per worker and tagged step): kept against recomputed."""
-    kept, recomputed = tagged_outputs(result)
+    kept, recomputed = result.tagged_outputs()
     src = ColumnDataSource({"x": ["kept", "recomputed"], "y": [kept, recomputed],
                             "color": [Category10_10[2], Category10_10[3]]})
     fig = figure(x_range=["kept", "recomputed"], title=f"{result.method}: tagged outputs", width=width,
@@ -201,21 +188,6 @@ def reconciliation_bars(result: sp.RunResult, *, width: int = 360, height: int =
     fig.vbar(x="x", top="y", width=0.7, color="color", source=src)
     fig.add_tools(HoverTool(tooltips=[("", "@x"), ("worker-steps", "@y")]))
     return house_style(fig)
-
-
-def state_shares(result: sp.RunResult) -> dict[str, float]:
-    """Share of region-steps spent Global, Hybrid and Full in a run."""
-    p = result.p
-    return {sp.GLOBAL: float((p == 0).mean()), sp.HYBRID: float(((p > 0) & (p < 1)).mean()),
-            sp.FULL: float((p == 1).mean())}
-
-
-def tagged_outputs(result: sp.RunResult) -> tuple[int, int]:
-    """(kept, recomputed): tagged worker-step outputs kept after reconciliation, and recomputed."""
-    h = result.history
-    tagged = int(h["tagged"].sum()) * result.workers
-    recomputed = int(h["recomputes"].sum())
-    return tagged - recomputed, recomputed
 
 
 class SpeculativePanel(Panel):
@@ -236,7 +208,7 @@ class SpeculativePanel(Panel):
             raise ValueError(f"SpeculativePanel(task={task!r}): expected one of {sorted(TASKS)}")
         self.task_name, self.seed = task, seed
         self.train_config = TrainConfig(lr=lr, momentum=momentum, batch_size=batch_size, steps=steps, seed=seed)
-        defaults = sp.speculative()
+        defaults = sp.baselines.speculative()
         slider = dict(continuous_update=False, style={"description_width": "initial"})
         self.workers = w.IntSlider(value=workers, min=2, max=max(32, workers), description="workers K", **slider)
         self.alpha = w.FloatLogSlider(value=alpha, base=10, min=-2, max=2, step=0.1,
@@ -313,12 +285,12 @@ class SpeculativePanel(Panel):
         make = TASKS[self.task_name]
         return make(workers=int(self.workers.value), alpha=float(self.alpha.value), seed=self.seed)
 
-    def configs(self) -> dict[str, sp.SpecConfig]:
+    def configs(self) -> dict[str, sp.SpeculativeConfig]:
         """Ours with the panel's thresholds, period and network plan, and the two anchors at the same period."""
         manager = sp.ManagerConfig(hurt=float(self.hurt.value), loosen=float(self.loosen.value))
-        ours = sp.speculative(manager=manager, reconcile_threshold=float(self.reconcile.value),
+        ours = sp.baselines.speculative(manager=manager, reconcile_threshold=float(self.reconcile.value),
                               period=int(self.period.value), network=self.network.value)
-        return {"ours": ours, "DDP": sp.ddp(), "local SGD": sp.local_sgd(int(self.period.value))}
+        return {"ours": ours, "DDP": sp.baselines.ddp(), "local SGD": sp.baselines.local_sgd(int(self.period.value))}
 
     def eval_every(self) -> int:
         """Steps between test evaluations: about 30 per run, at least 5 steps apart."""
@@ -385,7 +357,7 @@ class SpeculativePanel(Panel):
         self.redraw_time()
         self.status.value = (f"ours planned for {html.escape(self.network.value)}: "
                              f"{self.bytes_ratio():.1%} of DDP's bytes, states " + ", ".join(
-                                 f"{k} {v:.0%}" for k, v in state_shares(ours).items()))
+                                 f"{k} {v:.0%}" for k, v in ours.state_shares().items()))
 
     def _on_step(self, step: int, eng: sp.Engine) -> None:
         """Stream one step of ours: its p per region (host numpy) and its mean training loss."""
@@ -441,7 +413,7 @@ class SpeculativePanel(Panel):
         net = network or self.network.value
         target = self.target()
         rows = {}
-        for name, r in priced(self.results).items():
+        for name, r in sp.with_shared_compute(self.results).items():
             sent = r.bytes_per_worker()
             rows[name] = {"final test loss": r.final_test_loss,
                           "test accuracy": float(r.evals["test_accuracy"].iloc[-1]),  # NaN: regression

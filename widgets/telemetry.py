@@ -21,9 +21,22 @@ from bokeh.models import (
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
-from adaptive_kit.telemetry import FAULT_KINDS, KINDS, LEVELS, Fault, RulePolicy, Telemetry
-from adaptive_kit.telemetry.episodes import EpisodeSpec, Run, Workload, run, workload
-from adaptive_kit.telemetry.faults import LAYER_KINDS, QUIET_KINDS, layer_candidates
+from adaptive_kit.telemetry import (
+    FAULT_KINDS,
+    KINDS,
+    LAYER_KINDS,
+    LEVELS,
+    QUIET_KINDS,
+    EpisodeSpec,
+    Fault,
+    RulePolicy,
+    Run,
+    Telemetry,
+    Workload,
+    layer_candidates,
+    run,
+    workload,
+)
 
 from .common import LivePlot, Panel, ThrottledStream, control_row, panel_layout
 from .plots import colour_key, house_style, set_title
@@ -132,11 +145,11 @@ class TelemetryPanel(Panel):
     at the steps it was seen (at ``macro`` only the pooled ``*`` line exists); changing the
     statistic redraws the last run from its records. Drive it headless: set the widgets'
     ``value`` and call ``panel.run_button.click()``; the last
-    :class:`~adaptive_kit.telemetry.episodes.Run` is in :attr:`result`.
+    :class:`~adaptive_kit.telemetry.Run` is in :attr:`result`.
 
     Args:
         model: one of the kit's episode models (``"mlp"``, ``"cnn"``) or your own
-            :class:`~adaptive_kit.telemetry.episodes.Workload`.
+            :class:`~adaptive_kit.telemetry.Workload`.
         steps: training steps of a run (the ``steps`` slider's start).
         seed: seeds the initialisation, the batches and the fault.
     """
@@ -221,7 +234,7 @@ class TelemetryPanel(Panel):
         self.run_button.disabled = True
         try:
             # under a policy the collector starts off: the policy's first plan sets step 0's levels
-            self.result = run(spec, "off" if policy else choice, policy=policy, on_record=self._on_record,
+            self.result = run(spec, "off" if policy else choice, policy=policy, on_step=self._on_step,
                               progress=True)
         finally:
             for p in (*self.plots.values(), self.bytes_plot, self.level_map):
@@ -245,7 +258,7 @@ class TelemetryPanel(Panel):
         return (f"{r.spec.label}: {len(r.suite.alarms)} alarms{found}; "
                 f"{sum(r.tel.bytes.values()) / r.spec.steps:,.0f} bytes/step; test accuracy {r.test_accuracy:.1%}")
 
-    def _on_record(self, record, alarms, observations) -> None:
+    def _on_step(self, record, alarms, observations) -> None:
         self._history.append((record.step, observations))
         self._alarms.extend(alarms)
         self.level_map.push(record.step, self.levels_seen(observations), alarms)

@@ -12,12 +12,6 @@ from .network import PROFILES
 from .regions import FULL, GLOBAL, HYBRID, ManagerConfig
 from .result import RunResult, loss_at_bytes, with_shared_compute
 
-# isort: split
-# Kept importable for widgets/speculative.py until it is rewired to the names above (then drop):
-from .baselines import ddp, local_sgd, speculative  # noqa: F401 - now baselines.<name>
-from .engine import SpeculativeConfig as SpecConfig  # noqa: F401 - renamed SpeculativeConfig
-from .tasks import digits_task, regression_task, sequence_task  # noqa: F401 - now tasks.<name>
-
 __all__ = [
     "Engine", "FULL", "GLOBAL", "HYBRID", "ManagerConfig", "PROFILES", "RunResult", "SpeculativeConfig",
     "Task", "baselines", "loss_at_bytes", "tasks", "train", "with_shared_compute", "worker",

@@ -91,7 +91,6 @@ class Telemetry:
             parameters of its own, and every activation module such as ``nn.ReLU``).
         on_step: called with each :class:`StepRecord` once its data is on the host
             (detectors and policies hook in here); what it returns is the step's alarms.
-            ``on_record`` is its former name, still accepted.
         keep_records: how many recent :class:`StepRecord` s to keep in :attr:`records`
             (0: none). The sink keeps everything it is given: for long runs pass a file sink.
 
@@ -102,14 +101,12 @@ class Telemetry:
     def __init__(self, model: nn.Module, levels: str | Mapping = "meso", *,
                  config: TelemetryConfig = TelemetryConfig(), sink: Sink | None = None,
                  rank: int = 0, act_layers: Iterable[str] | None = None,
-                 on_step=None, keep_records: int = 1000, on_record=None) -> None:
-        if on_step is not None and on_record is not None:
-            raise ValueError("Telemetry: pass on_step or its former name on_record, not both")
+                 on_step=None, keep_records: int = 1000) -> None:
         self.model = model
         self.config = config
         self.sink = sink if sink is not None else MemorySink()
         self.rank = rank
-        self.on_step = on_step if on_step is not None else on_record
+        self.on_step = on_step
         modules = dict(model.named_modules())
         self.param_layers = [n or "<root>" for n, m in modules.items()
                              if any(True for _ in m.parameters(recurse=False))]
@@ -250,15 +247,6 @@ class Telemetry:
             self.records.append(record)
             if len(self.records) > self.keep_records:
                 del self.records[0]
-
-    @property
-    def on_record(self):
-        """The former name of :attr:`on_step`."""
-        return self.on_step
-
-    @on_record.setter
-    def on_record(self, callback) -> None:
-        self.on_step = callback
 
     def __enter__(self) -> Telemetry:
         return self

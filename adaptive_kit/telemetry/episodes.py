@@ -213,7 +213,7 @@ def _train(spec: EpisodeSpec, tel_levels: str | dict | None, *, policy: Policy |
 
 def run(spec: EpisodeSpec, levels: str | dict = "meso", *, policy: Policy | None = None,
         config: TelemetryConfig = TelemetryConfig(), on_step=None, progress: bool = False,
-        device: torch.device | str | None = None, on_record=None) -> Run:
+        device: torch.device | str | None = None) -> Run:
     """Train ``spec``'s model live with telemetry, detectors and, if given, a policy setting levels.
 
     Args:
@@ -222,20 +222,13 @@ def run(spec: EpisodeSpec, levels: str | dict = "meso", *, policy: Policy | None
             :class:`Controller`.
         on_step: ``on_step(record, alarms, observations)`` for every step's :class:`StepRecord`
             once it is on the host, with the detectors' alarms and :class:`Observation` s (a
-            panel streams its plots from here). ``on_record`` is its former name, still accepted.
+            panel streams its plots from here).
         device: where the model and data live (default :func:`adaptive_kit.pick_device`).
 
     Returns:
         The finished :class:`Run`.
     """
-    return _train(spec, levels, policy=policy, config=config, on_step=_one_callback(on_step, on_record),
-                  progress=progress, device=device)
-
-
-def _one_callback(on_step, on_record):
-    if on_step is not None and on_record is not None:
-        raise ValueError("pass on_step or its former name on_record, not both")
-    return on_step if on_step is not None else on_record
+    return _train(spec, levels, policy=policy, config=config, on_step=on_step, progress=progress, device=device)
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
