@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import reliability as rb  # noqa: E402
 
 from adaptive_kit.distributed import launch  # noqa: E402
-from adaptive_kit.partition import best_plan, milp_bound, partition_graph, plan_model, refine  # noqa: E402
+from adaptive_kit.partition import best_plan, plan_model  # noqa: E402
 from adaptive_kit.partition.models import uneven_mlp  # noqa: E402
+from adaptive_kit.partition.plan import milp_bound, partition_graph, refine  # noqa: E402
 from adaptive_kit.records import (  # noqa: E402
     RecordsError,
     UndeliveredError,

@@ -10,15 +10,11 @@ import traitlets
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaptive_kit.partition import (
-    CostModel,
-    emulate,
-    is_valid_pipeline,
-    model_graph,
-    profile_batch,
-    simulate,
-)
+from adaptive_kit.partition import compare_plans, emulate, simulate, stage_loads
+from adaptive_kit.partition.graph import model_graph
 from adaptive_kit.partition.models import GPT, uneven_mlp
+from adaptive_kit.partition.plan import is_valid_pipeline
+from adaptive_kit.partition.profile import CostModel, profile_batch
 from widgets import PartitionPanel
 from widgets.partition import (
     METHODS,
@@ -26,7 +22,6 @@ from widgets.partition import (
     OURS,
     STAGE_COLORS,
     LiveLoads,
-    compare_plans,
     forecast_figure,
     gantt_data,
     gantt_figure,
@@ -34,7 +29,6 @@ from widgets.partition import (
     layered_layout,
     load_bars,
     schedule_of,
-    stage_loads,
     throughput_figure,
 )
 

@@ -18,9 +18,17 @@ from bokeh.models import ColumnDataSource, HoverTool
 from bokeh.plotting import figure, from_networkx
 from jupyter_bokeh.widgets import BokehModel
 
-from adaptive_kit.partition import EmulatedPipeline, ModelPlan, Simulation, plan_model
-from adaptive_kit.partition.models import zoo
-from adaptive_kit.partition.simulate import SCHEDULES
+from adaptive_kit import partition as pt
+from adaptive_kit.partition import (
+    SCHEDULES,
+    Comparison,
+    EmulatedPipeline,
+    ModelPlan,
+    Simulation,
+    compare_plans,
+    plan_model,
+    stage_loads,
+)
 
 from .common import LivePlot, Panel, ThrottledStream, control_row, panel_layout
 from .partition_plots import (
@@ -32,11 +40,9 @@ from .partition_plots import (
     METIS,
     OURS,
     STAGE_COLORS,
-    Comparison,
     _bar_data,
     _graph_renderer,
     _style_graph,
-    compare_plans,
     forecast_figure,
     gantt_data,
     gantt_figure,
@@ -47,15 +53,13 @@ from .partition_plots import (
     ratio_bars,
     schedule_of,
     stage_key,
-    stage_loads,
     throughput_figure,
 )
 from .plots import house_style, key_entry, set_colour_key, set_title
 
 __all__ = ["ANCHORS", "KIND_COLORS", "MAX_K", "METHODS", "METHOD_COLORS", "METIS", "OURS", "STAGE_COLORS",
-           "Comparison", "LiveLoads", "PartitionPanel", "compare_plans", "forecast_figure", "gantt_data",
-           "gantt_figure", "graph_figure", "interval_figure", "layered_layout", "load_bars", "ratio_bars",
-           "schedule_of", "stage_loads", "throughput_figure"]
+           "LiveLoads", "PartitionPanel", "forecast_figure", "gantt_data", "gantt_figure", "graph_figure",
+           "interval_figure", "layered_layout", "load_bars", "ratio_bars", "schedule_of", "throughput_figure"]
 
 
 class LiveLoads(ThrottledStream):
@@ -167,7 +171,7 @@ class PartitionPanel(Panel):
                  model: str | None = None, k: int = 4, schedule: str = "1f1b", micro: int = 8,
                  windows: int = 120, reps: int = 3, bound_time_s: float = 2.0, noise: float = 0.05,
                  seed: int = 0, interval_ms: int = 400, min_interval_s: float = 0.5) -> None:
-        self.models = dict(models) if models is not None else zoo()
+        self.models = dict(models) if models is not None else pt.models.zoo()
         if not self.models:
             raise ValueError("PartitionPanel(models={}): need at least one model")
         model = model if model is not None else ("gpt-small" if "gpt-small" in self.models else next(iter(self.models)))
@@ -316,7 +320,7 @@ class PartitionPanel(Panel):
     def stage_seconds(self) -> np.ndarray:
         """(k,) seconds of each stage of the plan in force at the devices' current speeds."""
         plan = self.pipe.controller.plan if self.pipe is not None else self.model_plan.plan
-        return stage_loads(self.model_plan.graph, plan.stage_of, int(self.k.value)) / self.speeds()
+        return stage_loads(self.model_plan.graph, plan.stage_of, int(self.k.value), speeds=self.speeds())
 
     def redraw_gantt(self) -> Simulation:
         """Simulate one step of the plan in force at the current speeds; draw it as a Gantt chart."""

@@ -3,8 +3,7 @@ loads against the anchors, the pipeline schedule, the controller's run (house st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 
 import networkx as nx
 import numpy as np
@@ -21,16 +20,7 @@ from bokeh.models import (
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure, from_networkx
 
-from adaptive_kit.partition import (
-    Bound,
-    Simulation,
-    best_plan,
-    metis_parts,
-    milp_bound,
-    repair,
-    simulate,
-    stage_graph,
-)
+from adaptive_kit.partition import Simulation, simulate
 
 from .plots import colour_key, house_style
 
@@ -43,76 +33,6 @@ METHOD_COLORS = dict(zip(METHODS, (Category10_10[3], Category10_10[7], Category1
                                    Category10_10[5])))
 KIND_COLORS = {"F": Category10_10[0], "B": Category10_10[1], "U": Category10_10[7]}
 MAX_K = 8  # the panel's k slider; the live load plot has glyphs for this many devices
-
-
-def _anchor_functions() -> dict[str, Callable]:
-    """The baseline partitioners of :mod:`adaptive_kit.partition.anchors` by display name."""
-    from adaptive_kit.partition import anchors
-
-    return {"equal layers": anchors.equal_layers, "parameter balanced": anchors.parameter_balanced,
-            "GPipe balance": anchors.gpipe_balance}
-
-
-# --- plans side by side --------------------------------------------------------------------------
-
-@dataclass
-class Comparison:
-    """Stage plans of one graph by every method, their stage loads (seconds at speed 1) and
-    what failed: ``errors`` maps a method to its message; ``metis_cyclic`` says whether METIS's
-    raw parts had a cycle among stages (so :func:`~adaptive_kit.partition.repair` had to fix it)."""
-
-    k: int
-    plans: dict[str, dict[str, int]] = field(default_factory=dict)
-    loads: dict[str, np.ndarray] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    metis_cyclic: bool | None = None
-    bound: Bound | None = None
-
-    def bottlenecks(self) -> dict[str, float]:
-        """The slowest stage's seconds per method."""
-        return {m: float(v.max()) for m, v in self.loads.items()}
-
-
-def stage_loads(g: nx.DiGraph, stage_of: Mapping[str, int], k: int, cost: str = "cost_s") -> np.ndarray:
-    """(k,) summed node ``cost`` of each stage."""
-    loads = np.zeros(k)
-    for v, j in stage_of.items():
-        loads[j] += g.nodes[v][cost]
-    return loads
-
-
-def compare_plans(g: nx.DiGraph, k: int, *, cost: str = "cost_s", ours: Mapping[str, int] | None = None,
-                  bound_time_s: float = 0.0, seed: int = 0) -> Comparison:
-    """Ours (``best_plan``, or the plan given), the three anchors and METIS (repaired) on ``g``.
-
-    A method that raises (an anchor asked for more stages than layers, pymetis missing) is left
-    out and its message kept in ``errors``. With ``bound_time_s`` > 0 the MILP lower bound is
-    computed within that time.
-    """
-    out = Comparison(k)
-    makers: dict[str, Callable[[], dict[str, int]]] = {
-        OURS: (lambda: dict(ours)) if ours is not None else (lambda: best_plan(g, k, cost=cost).stage_of)}
-    try:
-        makers |= {name: (lambda fn=fn: fn(g, k, cost)) for name, fn in _anchor_functions().items()}
-    except ImportError as e:
-        out.errors |= {name: f"unavailable: {e}" for name in ANCHORS}
-
-    def metis() -> dict[str, int]:
-        raw = metis_parts(g, k, cost, seed=seed)
-        out.metis_cyclic = not nx.is_directed_acyclic_graph(stage_graph(g, raw))
-        return repair(g, raw)
-
-    makers[METIS] = metis
-    for name, make in makers.items():
-        try:
-            out.plans[name] = make()
-        except Exception as e:  # noqa: BLE001 - a failed baseline is reported, not fatal
-            out.errors[name] = f"{type(e).__name__}: {e}"
-            continue
-        out.loads[name] = stage_loads(g, out.plans[name], k, cost)
-    if bound_time_s > 0:
-        out.bound = milp_bound(g, k, cost=cost, time_limit=bound_time_s)
-    return out
 
 
 # --- the graph -------------------------------------------------------------------------------------

@@ -14,15 +14,6 @@ from .controller import ControllerConfig, EmulatedPipeline, emulate
 from .plan import ModelPlan, best_plan, plan_model, stage_loads
 from .simulate import SCHEDULES, Simulation, simulate
 
-# isort: split
-# Kept importable for widgets/partition_plots.py until it uses compare_plans, and for
-# tests/test_widgets_partition.py and tests/test_reliability.py until they import from the
-# families above (then drop):
-from .graph import model_graph  # noqa: F401 - now graph.model_graph
-from .metis import metis_parts, repair  # noqa: F401
-from .plan import Bound, is_valid_pipeline, milp_bound, partition_graph, refine, stage_graph  # noqa: F401
-from .profile import CostModel, profile_batch  # noqa: F401 - now profile.<name>
-
 __all__ = [
     "Comparison", "ControllerConfig", "EmulatedPipeline", "ModelPlan", "SCHEDULES", "Simulation", "anchors",
     "best_plan", "chain", "compare_plans", "emulate", "forecast", "graph", "models", "pipeline", "plan",
