@@ -191,9 +191,9 @@ def test_goal_sliders_set_the_goals_and_the_next_allocation(make):
     panel.goal["accuracy"].value = 0.2
     assert swarm.goals == Goals(accuracy=0.2, efficiency=1.0)
     active = np.array([m.active for m in swarm.members])
-    expected = allocate(swarm.fitness(), STEPS * int(active.sum()), active, swarm.policy)
+    expected = allocate(swarm.fitness(), STEPS * int(active.sum()), active, swarm.optimiser)
     accuracy_only = allocate(_fitness(swarm, Goals()), STEPS * int(active.sum()),
-                             active, swarm.policy)
+                             active, swarm.optimiser)
     assert not np.array_equal(expected, accuracy_only)  # the goals change who gets the steps
     panel.tick()
     hist = swarm.history()
@@ -215,7 +215,7 @@ def test_optimiser_controls_set_the_policy(make):
     panel.mutation.value = 0.5
     panel.breed.value = 0.0
     panel.temperature.value = 1.0
-    pol = panel.swarm.policy
+    pol = panel.swarm.optimiser
     assert (pol.allocation, pol.perturb, pol.mutation_rate, pol.breed_rate) == ("equal", "grid", 0.5, 0.0)
     assert pol.temperature == pytest.approx(1.0) and pol.exploit_every == OptimiserConfig().exploit_every
     panel.tick()

@@ -18,8 +18,7 @@ from bokeh.layouts import row
 from bokeh.models import LinearColorMapper
 from jupyter_bokeh.widgets import BokehModel
 
-from adaptive_kit.swarm import Collector, Goals, Swarm
-from adaptive_kit.swarm.optimiser import ALLOCATIONS, PERTURB_MODES
+from adaptive_kit.swarm import ALLOCATIONS, PERTURB_MODES, Collector, Goals, Swarm
 
 from .common import Panel, control_row, panel_layout
 from .swarm_feed import SwarmFeed
@@ -128,7 +127,7 @@ class SwarmPanel(Panel):
     # == building ==================================================================================
     def _build_controls(self, metric: str, threshold: float, stat: str, interval_ms: int, max_rounds: int) -> None:
         slider = dict(continuous_update=False, style={"description_width": "initial"})
-        goals, policy = self.swarm.goals, self.swarm.policy
+        goals, policy = self.swarm.goals, self.swarm.optimiser
         self.metric = w.Dropdown(options=list(METRICS), value=metric, description="metric",
                                  layout=w.Layout(width="200px"))
         self.threshold = w.FloatSlider(value=threshold, min=0.0, max=1.0, step=0.01, readout_format=".2f",
@@ -297,13 +296,13 @@ class SwarmPanel(Panel):
         and breed rates (``dataclasses.replace`` of its policy); an invalid value is reported in the
         status line. Returns the policy set, or None."""
         try:
-            policy = dataclasses.replace(self.swarm.policy, allocation=self.allocation.value,
+            policy = dataclasses.replace(self.swarm.optimiser, allocation=self.allocation.value,
                                          temperature=float(self.temperature.value), perturb=self.perturb.value,
                                          mutation_rate=float(self.mutation.value), breed_rate=float(self.breed.value))
         except ValueError as e:
             self._set_problem(f"optimiser not changed: {e}")
             return None
-        self.swarm.policy = policy
+        self.swarm.optimiser = policy
         self._set_problem("")
         return policy
 
@@ -445,7 +444,7 @@ class SwarmPanel(Panel):
                             self.latest_values("steps"), colors, self._outline(status))
         if rows is not None:
             cpu, rss = float(rows["cpu_percent"].iloc[-1]), float(rows["rss_bytes"].iloc[-1])
-            pol = self.swarm.policy
+            pol = self.swarm.optimiser
             rule = f"{pol.allocation}, T={pol.temperature:.3g}" if pol.allocation == "proportional" else "equal"
             self.resources.title_steps(rule, cpu, rss / 2**20)
 

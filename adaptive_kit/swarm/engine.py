@@ -123,7 +123,7 @@ class Swarm(MemberSteps, Reports, Evolution):
                  val: tuple[torch.Tensor, torch.Tensor] | None = None, device: torch.device | str | None = None,
                  sink: Sink | None = None, rank: int = 0, world: int = 1) -> None:
         self.config = config
-        self.goals, self.policy = config.goals, config.optimiser  # may be changed between rounds
+        self.goals, self.optimiser = config.goals, config.optimiser  # may be changed between rounds
         self.device = pick_device(device)
         x, y = data.x_train, data.y_train
         if x.dim() != 2 or y.dim() != 1 or len(x) != len(y) or len(x) < 2:
@@ -234,8 +234,8 @@ class Swarm(MemberSteps, Reports, Evolution):
         cfg, t_round = self.config, time.perf_counter()
         active = np.array([m.active for m in self.members])
         measured = np.isfinite([m.val_acc for m in self.members])
-        policy = self.policy if measured[active].all() else OptimiserConfig(allocation="equal")
-        self._allocated = allocate(self.fitness(), cfg.steps_per_round * int(active.sum()), active, policy)
+        optimiser = self.optimiser if measured[active].all() else OptimiserConfig(allocation="equal")
+        self._allocated = allocate(self.fitness(), cfg.steps_per_round * int(active.sum()), active, optimiser)
         owned = [m for m in self.members if self.owns(m.id) and m.active]
         for m in owned:
             if m.fault == "nan":
@@ -256,7 +256,7 @@ class Swarm(MemberSteps, Reports, Evolution):
         self._exchange()
         self._report(owned, losses, first_step, t_round)
         self.round += 1
-        pol = self.policy
+        pol = self.optimiser
         if pol.exploit_every and self.round >= pol.warmup_rounds and self.round % pol.exploit_every == 0:
             self._evolve()
         for phase, secs in (("train", t1 - t0), ("evaluate", t2 - t1), ("round", time.perf_counter() - t_round)):
@@ -382,7 +382,7 @@ class Swarm(MemberSteps, Reports, Evolution):
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "config": self.config, "goals": self.goals, "policy": self.policy, "round": self.round,
+            "config": self.config, "goals": self.goals, "optimiser": self.optimiser, "round": self.round,
             "rng": self.rng.bit_generator.state, "allocated": self._allocated, "rows": self._rows,
             "alarms": self.alarms, "lineage": self.lineage, "watch": self.watch.monitors,
             "members": [{**{k: getattr(m, k) for k in ("id", "spec", "steps", "status", "origin", "reason", "seq",
@@ -393,7 +393,7 @@ class Swarm(MemberSteps, Reports, Evolution):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.goals, self.policy, self.round = state["goals"], state["policy"], state["round"]
+        self.goals, self.optimiser, self.round = state["goals"], state["optimiser"], state["round"]
         self.rng.bit_generator.state = state["rng"]
         self._allocated = state["allocated"]
         self._rows, self.alarms, self.lineage = list(state["rows"]), list(state["alarms"]), list(state["lineage"])

@@ -23,7 +23,7 @@ class Evolution:
 
     def _evolve(self) -> None:
         """Truncation exploit / explore and breeding, decided identically in every process."""
-        ms, pol, space = self.members, self.policy, self.config.space
+        ms, pol, space = self.members, self.optimiser, self.config.space
         active = np.array([m.active for m in ms])
         quarantined = ~active
         fit = self.fitness()
