@@ -127,7 +127,7 @@ class SwarmPanel(Panel):
     # == building ==================================================================================
     def _build_controls(self, metric: str, threshold: float, stat: str, interval_ms: int, max_rounds: int) -> None:
         slider = dict(continuous_update=False, style={"description_width": "initial"})
-        goals, policy = self.swarm.goals, self.swarm.optimiser
+        goals, opt = self.swarm.goals, self.swarm.optimiser
         self.metric = w.Dropdown(options=list(METRICS), value=metric, description="metric",
                                  layout=w.Layout(width="200px"))
         self.threshold = w.FloatSlider(value=threshold, min=0.0, max=1.0, step=0.01, readout_format=".2f",
@@ -137,17 +137,17 @@ class SwarmPanel(Panel):
         self.goal = {g: w.FloatSlider(value=float(getattr(goals, g)), min=0.0, max=1.0, step=0.05,
                                       description=g, readout_format=".2f", layout=w.Layout(width="230px"), **slider)
                      for g in GOALS}
-        self.allocation = w.ToggleButtons(options=list(ALLOCATIONS), value=policy.allocation,
+        self.allocation = w.ToggleButtons(options=list(ALLOCATIONS), value=opt.allocation,
                                           tooltips=["steps ∝ fitness^(1/temperature)", "the same steps for all"],
                                           style={"button_width": "90px"})
-        self.temperature = w.FloatLogSlider(value=policy.temperature, base=10, min=-2, max=1, step=0.05,
+        self.temperature = w.FloatLogSlider(value=opt.temperature, base=10, min=-2, max=1, step=0.05,
                                             description="temperature", readout_format=".3g", **slider)
-        self.perturb = w.ToggleButtons(options=list(PERTURB_MODES), value=policy.perturb,
+        self.perturb = w.ToggleButtons(options=list(PERTURB_MODES), value=opt.perturb,
                                        tooltips=["×0.8 / ×1.25 or a fresh draw", "one step on the grid"],
                                        style={"button_width": "70px"})
-        self.mutation = w.FloatSlider(value=policy.mutation_rate, min=0.0, max=1.0, step=0.05,
+        self.mutation = w.FloatSlider(value=opt.mutation_rate, min=0.0, max=1.0, step=0.05,
                                       description="mutation rate", **slider)
-        self.breed = w.FloatSlider(value=policy.breed_rate, min=0.0, max=1.0, step=0.05, description="breed rate",
+        self.breed = w.FloatSlider(value=opt.breed_rate, min=0.0, max=1.0, step=0.05, description="breed rate",
                                    **slider)
         self.pause = w.ToggleButton(value=bool(self.swarm.paused), description="Pause", icon="pause",
                                     tooltip="stop training between rounds (the controls stay live)")
@@ -164,7 +164,7 @@ class SwarmPanel(Panel):
         for s in self.goal.values():
             s.observe(lambda _: self.set_goals(), names="value")
         for c in (self.allocation, self.temperature, self.perturb, self.mutation, self.breed):
-            c.observe(lambda _: self.set_policy(), names="value")
+            c.observe(lambda _: self.set_optimiser(), names="value")
         self.pause.observe(lambda c: self._on_pause(bool(c["new"])), names="value")
         self.play.observe(self._on_play, names="value")
         self.step_button.on_click(lambda _: self._on_step())
@@ -291,20 +291,20 @@ class SwarmPanel(Panel):
         self._set_problem("")
         return goals
 
-    def set_policy(self) -> Any:
+    def set_optimiser(self) -> Any:
         """Give the swarm the optimiser controls' allocation, temperature, perturbation mode, mutation
-        and breed rates (``dataclasses.replace`` of its policy); an invalid value is reported in the
-        status line. Returns the policy set, or None."""
+        and breed rates (``dataclasses.replace`` of its optimiser config); an invalid value is reported in the
+        status line. Returns the config set, or None."""
         try:
-            policy = dataclasses.replace(self.swarm.optimiser, allocation=self.allocation.value,
-                                         temperature=float(self.temperature.value), perturb=self.perturb.value,
-                                         mutation_rate=float(self.mutation.value), breed_rate=float(self.breed.value))
+            optimiser = dataclasses.replace(self.swarm.optimiser, allocation=self.allocation.value,
+                                            temperature=float(self.temperature.value), perturb=self.perturb.value,
+                                            mutation_rate=float(self.mutation.value), breed_rate=float(self.breed.value))
         except ValueError as e:
             self._set_problem(f"optimiser not changed: {e}")
             return None
-        self.swarm.optimiser = policy
+        self.swarm.optimiser = optimiser
         self._set_problem("")
-        return policy
+        return optimiser
 
     def _set_problem(self, text: str) -> None:
         self._problem = text
