@@ -23,7 +23,7 @@ def test_two_ranks_match_one_process_and_lose_no_report(data):
         one.run(rounds, progress=False)
     polls = []
     swarm, collector = train_distributed(data, cfg, rounds=rounds, world_size=2, timeout_s=150,
-                                         on_poll=lambda c: polls.append(1))
+                                         on_step=lambda c: polls.append(1))
     try:
         assert polls  # the caller's hook ran while the ranks trained
         assert swarm.round == rounds and swarm.world == 1

@@ -32,7 +32,7 @@ def _worker(rank: int, world: int, data: Split, config: SwarmConfig, specs: Sequ
 
 def train_distributed(data: Split, config: SwarmConfig, rounds: int, world_size: int, *,
                       specs: Sequence[MemberSpec] | None = None, collector: Collector | None = None,
-                      device: str = "cpu", on_poll: Callable[[Collector], None] | None = None,
+                      device: str = "cpu", on_step: Callable[[Collector], None] | None = None,
                       timeout_s: float = 600.0, start_method: str = "spawn") -> tuple[Swarm, Collector]:
     """Train a swarm on ``world_size`` processes (gloo; one GPU per rank with ``device="auto"``).
 
@@ -40,7 +40,7 @@ def train_distributed(data: Split, config: SwarmConfig, rounds: int, world_size:
     after every round (``all_gather_object``) and take the same allocation and exploit decisions
     from the same seed, so parents' weights move between ranks only when a member is replaced.
     Every rank reports over ZeroMQ PUSH to ``collector`` (default: a new one bound on
-    ``tcp://127.0.0.1``), which this process polls while the ranks run (``on_poll(collector)``
+    ``tcp://127.0.0.1``), which this process polls while the ranks run (``on_step(collector)``
     after each poll, e.g. to redraw a dashboard).
 
     Returns:
@@ -74,14 +74,14 @@ def train_distributed(data: Split, config: SwarmConfig, rounds: int, world_size:
     thread.start()
     while thread.is_alive():
         collector.poll(100)
-        if on_poll is not None:
-            on_poll(collector)
+        if on_step is not None:
+            on_step(collector)
     thread.join()
     if "error" in out:
         raise out["error"]
     collector.drain([f"swarm-rank{r}" for r in range(world_size)], timeout_s=10.0, stale_s=5.0)
-    if on_poll is not None:
-        on_poll(collector)
+    if on_step is not None:
+        on_step(collector)
     return _gather(data, config, out["states"]), collector
 
 
