@@ -62,7 +62,7 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 import torch
-from machine import describe, parse_args, show, write_json
+from machine import Clock, describe, epilogue, parse_args, show
 from tqdm.auto import tqdm
 
 from adaptive_kit import partition as pt
@@ -465,14 +465,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device=cpu cpu={info['cpu']!r} cores={info['cpu_count']} threads={info['torch_threads']} "
           f"torch={info['torch']} mode={'quick' if quick else 'full'} load average at start={os.getloadavg()[0]:.2f}")
     torch.manual_seed(0)
-    t_start = time.perf_counter()
-    clock = {}
+    clock = Clock()
 
     def timed(section, fn):
-        t0 = time.perf_counter()
-        out = fn(quick)
-        clock[section] = time.perf_counter() - t0
-        return out
+        with clock.section(section):
+            return fn(quick)
 
     table, summary = timed("a", quality)
     cols = ["model", "k", "nodes", "layers", "opt_ms", "opt", *METHODS, "metis_parts_used"]
@@ -484,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
     show("(a) Partition quality: bottleneck / optimum (1.000 = optimal)", shown,
          note="opt: the MILP's proven optimum, else its lower bound; (x): an invalid pipeline (raw METIS with a "
               "cyclic stage graph); n/a: fewer layers than k; failed: torchgpipe's heuristic ended with an empty "
-              f"block; costs: calibrated CostModel (cost_s); {clock['a']:.0f} s")
+              f"block; costs: calibrated CostModel (cost_s); {clock.sections['a']:.0f} s")
     show("(a) Per method: share of valid pipelines, geometric mean and worst ratio over the valid plans", summary,
          note="cases: (model, k) where the method applies; pymetis-raw counts as invalid when its stage graph is cyclic; "
               "geomean_x_ours: method / ours on the same cases (above 1: ours better)")
@@ -530,20 +527,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n== (f) Simulator vs measured: NOT RUN ({sim_info['status']}) ==")
 
     tg = targets(table, bench, split, fc, slow, noise, sim)
-    total = time.perf_counter() - t_start
     show("targets", tg)
-    print("section seconds: " + ", ".join(f"({s}) {v:.0f}" for s, v in clock.items())
-          + f"; total {total:.0f} s; load average at end={os.getloadavg()[0]:.2f}")
 
     out = {"machine": info, "mode": "quick" if quick else "full",
            "quality": table.to_dict(orient="records"), "quality_summary": summary.to_dict(orient="records"),
            "planning_time": bench.to_dict(orient="records"), "operator_split": split.to_dict(orient="records"),
            "forecast": fc.to_dict(orient="records"), "controller_slowdown": slow.to_dict(orient="records"),
            "controller_noise": noise.to_dict(orient="records"), "simulator": sim.to_dict(orient="records"),
-           "simulator_info": sim_info, "targets": tg.to_dict(orient="records"),
-           "section_s": {k: round(v, 1) for k, v in clock.items()}, "runtime_s": round(total, 1)}
-    write_json(args.json, out)
-    return out
+           "simulator_info": sim_info, "targets": tg.to_dict(orient="records")}
+    return epilogue(args, out, clock)
 
 
 if __name__ == "__main__":

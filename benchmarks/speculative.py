@@ -68,7 +68,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from machine import describe, parse_args, write_json
+from machine import Clock, describe, epilogue, parse_args
 from tqdm.auto import tqdm
 
 from adaptive_kit import speculative as sp
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device=cpu cpu={info['cpu']!r} cores={info['cpu_count']} threads={info['torch_threads']} "
           f"torch={info['torch']} mode={'quick' if quick else 'full'} K={K} alpha={ALPHA} "
           f"tuning seed={tune_seed} report seeds={list(seeds)} load average at start={os.getloadavg()[0]:.2f}")
-    t_start = time.perf_counter()
+    clock = Clock()
     specs = task_specs(quick)
     all_seeds = sorted({tune_seed, *seeds})
     plan = [(s, seed, c) for s in specs for seed in all_seeds for c in grid(s.steps, quick)]
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs.append(Run(spec.name, c.method, c.label, seed, None, str(e)))
             tqdm.write(f"diverged: {spec.name} seed {seed} {c.method} {c.label}: {e}")
     bar.close()
-    t_runs = time.perf_counter() - t_start
+    t_runs = clock.sections["runs"] = clock.total
 
     compute_s = {s.name: float(np.median([r.result.compute_s for r in runs if r.task == s.name and r.result]))
                  for s in specs}
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
     digits_ours = next(c for c in grid(specs[0].steps, quick) if c.method == "ours" and c.label == chosen["digits"]["ours"])
     cc = cross_check([Candidate("ddp", "every step", sp.baselines.ddp()), Candidate("local_sgd", "P=8", sp.baselines.local_sgd(8)),
                       digits_ours], cc_workers, cc_steps)
-    t_cc = time.perf_counter() - t0
+    t_cc = clock.sections["gloo cross-check"] = time.perf_counter() - t0
     print(f"\n== Simulator against real gloo: digits, K={cc_workers}, {cc_steps} steps ({t_cc:.0f} s) ==")
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(cc.to_string(index=False))
@@ -518,7 +518,6 @@ def main(argv: list[str] | None = None) -> dict:
     html = Path(args.json).with_suffix(".html") if args.json else Path(__file__).parent / "out" / "speculative.html"
     plot(configs, chosen, html, "adaptive-kit: speculative training, bytes against loss")
 
-    total = time.perf_counter() - t_start
     print(f"\n== Ratios: chosen setting per method, mean over seeds {list(seeds)} ==")
     with pd.option_context("display.width", 300, "display.max_columns", 40):
         print(fmt_table(table).to_string(index=False))
@@ -526,8 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"seconds to {TARGET_X}x DDP's final loss (never / inf(k/n): not reached on every seed), x_<net>: DDP's "
           "time / method's (0: not reached), net: lan / dc(datacentre) / wan; wall_s: measured wall-clock of the "
           "K=8 simulation in one process; rollback_%: rolled-back / all reconciliations; wasted_%: recomputed "
-          f"worker-steps / all worker-steps; plot: {html}; total {total:.0f} s (runs {t_runs:.0f} s, "
-          f"gloo {t_cc:.0f} s); load average at end={os.getloadavg()[0]:.2f}")
+          f"worker-steps / all worker-steps; plot: {html}")
 
     out = {"machine": info, "mode": "quick" if quick else "full", "K": K, "alpha": ALPHA,
            "tuning_seed": tune_seed, "report_seeds": list(seeds), "target_x": TARGET_X,
@@ -537,10 +535,8 @@ def main(argv: list[str] | None = None) -> dict:
            "configs": sweep.to_dict(orient="records"), "runs": frame.drop(columns=["_result", "_compute_s"]).to_dict(orient="records"),
            "wan_looser_targets": lo.to_dict(orient="records"),
            "equal_bytes": eq.to_dict(orient="records"), "cross_check": cc.to_dict(orient="records"),
-           "targets": tg.to_dict(orient="records"), "plot": str(html),
-           "runtime_s": round(total, 1), "runs_s": round(t_runs, 1), "cross_check_s": round(t_cc, 1)}
-    write_json(args.json, out)
-    return out
+           "targets": tg.to_dict(orient="records"), "plot": str(html)}
+    return epilogue(args, out, clock)
 
 
 if __name__ == "__main__":
