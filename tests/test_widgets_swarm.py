@@ -358,15 +358,14 @@ def test_a_big_swarm_is_drawn_sparse_and_labelled_only_where_selected(make):
     assert [i for i, lb in enumerate(labels) if lb] == [2, 5] and labels[2] == "2"
 
 
-def test_the_fast_similarity_matrix_equals_the_packages(data):
-    from widgets.swarm_graph import similarity_matrix
-
+def test_the_vectorised_similarity_matrix_equals_every_pair(data):
     swarm = Swarm(data, SwarmConfig(members=24, steps_per_round=STEPS, seed=3))
     try:
         specs = [m.spec for m in swarm.members]
         sim = swarm.config.similarity
+        pairs = np.array([[1.0 if i == j else sim(a, b) for j, b in enumerate(specs)] for i, a in enumerate(specs)])
         cache: dict = {}
-        np.testing.assert_allclose(similarity_matrix(sim, specs, cache), sim.matrix(specs), atol=1e-12)
-        np.testing.assert_allclose(similarity_matrix(sim, specs[::-1], cache), sim.matrix(specs[::-1]), atol=1e-12)
+        np.testing.assert_allclose(sim.matrix(specs, cache), pairs, atol=1e-12)
+        np.testing.assert_allclose(sim.matrix(specs[::-1], cache), pairs[::-1, ::-1], atol=1e-12)  # from the cache
     finally:
         swarm.close()

@@ -47,36 +47,6 @@ def sparse_edges(similarity: np.ndarray, threshold: float, neighbours: int) -> f
     return frozenset(edges)
 
 
-def similarity_matrix(sim, specs: Sequence, arch_cache: dict[tuple, float] | None = None) -> np.ndarray:
-    """(N, N) ``sim(a, b)`` for every pair of ``specs`` (a :class:`~adaptive_kit.swarm.Similarity`),
-    equal to ``sim.matrix(specs)`` but fast enough for a live 256-member dashboard: the architecture
-    distance is computed once per pair of distinct architectures (``arch_cache`` keeps them between
-    calls: a swarm has few), the hyper-parameter distance for all pairs at once with numpy.
-
-    It belongs in the package (a vectorised ``Similarity.matrix``); it is here until it moves there.
-    """
-    cache = arch_cache if arch_cache is not None else {}
-    archs = list(dict.fromkeys(s.layers for s in specs))
-    rep = {layers: next(s for s in specs if s.layers == layers) for layers in archs}
-    dist = np.zeros((len(archs), len(archs)))
-    for i, a in enumerate(archs):
-        for j in range(i + 1, len(archs)):
-            b = archs[j]
-            if (a, b) not in cache:
-                cache[a, b] = cache[b, a] = sim.arch_distance(rep[a], rep[b])
-            dist[i, j] = dist[j, i] = cache[a, b]
-    where = {layers: i for i, layers in enumerate(archs)}
-    idx = np.array([where[s.layers] for s in specs])
-    arch = dist[np.ix_(idx, idx)]
-    s_lr, s_m, s_wd = sim.scales
-    cols = (np.log([s.lr for s in specs]) / s_lr, np.array([s.momentum for s in specs], float) / s_m,
-            np.log([max(s.weight_decay, 1e-12) for s in specs]) / s_wd)
-    hp = np.mean([np.minimum(np.abs(c[:, None] - c[None, :]), 1.0) for c in cols], axis=0)
-    out = 1.0 - (sim.arch * arch + sim.hparams * hp) / (sim.arch + sim.hparams)
-    np.fill_diagonal(out, 1.0)
-    return out
-
-
 def node_sizes(n: int) -> tuple[float, float]:
     """(smallest, largest) node size in px for a swarm of ``n``: smaller nodes for larger swarms."""
     shrink = min(1.0, math.sqrt(32 / max(n, 1)))
@@ -148,7 +118,7 @@ class SwarmGraph:
         changed = (list(range(self.n)) if self._specs is None
                    else [i for i, (a, b) in enumerate(zip(specs, self._specs)) if a != b])
         if changed:
-            self.similarity = similarity_matrix(self.swarm.config.similarity, specs, self._arch_cache)
+            self.similarity = self.swarm.config.similarity.matrix(specs, self._arch_cache)
         self._specs = specs
         self._changed = set(changed)
         return changed

@@ -329,13 +329,29 @@ class Similarity:
         d = (self.arch * self.arch_distance(a, b) + self.hparams * self.hparam_distance(a, b)) / (self.arch + self.hparams)
         return 1.0 - d
 
-    def matrix(self, specs: Sequence[MemberSpec]) -> np.ndarray:
-        """The (N, N) symmetric similarity matrix with ones on the diagonal."""
-        n = len(specs)
-        out = np.ones((n, n))
-        for i in range(n):
-            for j in range(i + 1, n):
-                out[i, j] = out[j, i] = self(specs[i], specs[j])
+    def matrix(self, specs: Sequence[MemberSpec], arch_cache: dict[tuple, float] | None = None) -> np.ndarray:
+        """The (N, N) symmetric similarity matrix with ones on the diagonal, fast enough for a live
+        256-member dashboard: the architecture distance once per pair of distinct architectures
+        (``arch_cache`` keeps them between calls: a swarm has few), the hyper-parameter distance for
+        all pairs at once."""
+        cache = arch_cache if arch_cache is not None else {}
+        archs = list(dict.fromkeys(s.layers for s in specs))
+        rep = {layers: next(s for s in specs if s.layers == layers) for layers in archs}
+        dist = np.zeros((len(archs), len(archs)))
+        for i, a in enumerate(archs):
+            for j in range(i + 1, len(archs)):
+                b = archs[j]
+                if (a, b) not in cache:
+                    cache[a, b] = cache[b, a] = self.arch_distance(rep[a], rep[b])
+                dist[i, j] = dist[j, i] = cache[a, b]
+        where = {layers: i for i, layers in enumerate(archs)}
+        idx = np.array([where[s.layers] for s in specs], dtype=int)
+        s_lr, s_m, s_wd = self.scales
+        cols = (np.log([s.lr for s in specs]) / s_lr, np.array([s.momentum for s in specs], float) / s_m,
+                np.log([max(s.weight_decay, 1e-12) for s in specs]) / s_wd)
+        hp = np.mean([np.minimum(np.abs(c[:, None] - c[None, :]), 1.0) for c in cols], axis=0)
+        out = 1.0 - (self.arch * dist[np.ix_(idx, idx)] + self.hparams * hp) / (self.arch + self.hparams)
+        np.fill_diagonal(out, 1.0)
         return out
 
 
