@@ -125,9 +125,12 @@ def test_changing_k_replans_and_recolours_the_graph():
 
 def test_slowdown_slows_the_emulated_device_and_the_controller_repartitions():
     panel = make_panel()
-    panel.slow_device.value = 2
+    # the busiest stage: plans come from measured node times, so on a loaded machine a stage may
+    # hold little work, and slowing it would rightly change nothing
+    busy = int(np.argmax(stage_loads(panel.model_plan.graph, panel.model_plan.plan.stage_of, K)))
+    panel.slow_device.value = busy
     panel.slowdown.value = 2.0
-    np.testing.assert_allclose(panel.pipe.speeds, [1.0, 1.0, 0.5, 1.0])
+    np.testing.assert_allclose(panel.pipe.speeds, [0.5 if j == busy else 1.0 for j in range(K)])
     frame = panel.step(8)
     assert len(frame) == 8 and panel.windows_run == 8 and panel.play.value == 8
     fired = frame.index[frame["repartition"]].tolist()
@@ -143,10 +146,11 @@ def test_slowdown_slows_the_emulated_device_and_the_controller_repartitions():
     h = panel.pipe.controller.history()
     loads = panel.loads_plot.source.data
     assert loads["window"] == list(range(8))
-    assert loads["load2"] == pytest.approx(h.loc[h.device == 2, "load"].tolist())
-    assert np.mean(loads["load2"]) > 1.6 and np.mean(loads["load0"]) < 1.25
+    other = (busy + 1) % K
+    assert loads[f"load{busy}"] == pytest.approx(h.loc[h.device == busy, "load"].tolist())
+    assert np.mean(loads[f"load{busy}"]) > 1.6 and np.mean(loads[f"load{other}"]) < 1.25
     # the forecast drawn at window w is the one the controller made at w - 1
-    assert finite(loads["forecast2"]) == pytest.approx(h.loc[h.device == 2, "forecast"].tolist()[:-1])
+    assert finite(loads[f"forecast{busy}"]) == pytest.approx(h.loc[h.device == busy, "forecast"].tolist()[:-1])
     # the graph and the Gantt chart now show the plan in force
     plan = panel.pipe.controller.plan
     assert all(plan.stage_of[v] == s for v, s in zip(node_data(panel)["index"], node_data(panel)["stage"]))
@@ -154,7 +158,7 @@ def test_slowdown_slows_the_emulated_device_and_the_controller_repartitions():
     # the slow stage was given less work
     loads0 = stage_loads(panel.model_plan.graph, panel.model_plan.plan.stage_of, K)
     loads1 = stage_loads(panel.model_plan.graph, plan.stage_of, K)
-    assert loads1[2] < loads0[2]
+    assert loads1[busy] < loads0[busy]
 
 
 def test_no_slowdown_no_repartition_and_play_is_bounded():
