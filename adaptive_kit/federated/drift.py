@@ -44,15 +44,12 @@ class _RiverDetector:
     order, so alarms are river's own, row for row, whatever the batch size. ``fired_at`` is the
     position in the last batch of the first value on which river fired (None: it did not)."""
 
-    def __init__(self, **params):
-        self.params = params
+    def __init__(self, engine, **params):
+        self.engine, self.params = engine, params
         self.reset()
 
-    def _make(self):
-        raise NotImplementedError
-
     def reset(self) -> None:
-        self.detector = self._make()
+        self.detector = self.engine(**self.params)
         self.fired_at: int | None = None
 
     def update(self, batch) -> bool:
@@ -80,10 +77,8 @@ class PageHinkley(_RiverDetector):
         check_number("alpha", alpha, 0, 1, open_low=True)
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        super().__init__(delta=delta, threshold=threshold, min_instances=min_samples, mode=mode, alpha=alpha)
-
-    def _make(self):
-        return river_drift.PageHinkley(**self.params)
+        super().__init__(river_drift.PageHinkley, delta=delta, threshold=threshold, min_instances=min_samples,
+                         mode=mode, alpha=alpha)
 
 
 class ADWIN(_RiverDetector):
@@ -95,10 +90,8 @@ class ADWIN(_RiverDetector):
         check_number("delta", delta, 0, 1, open_low=True, open_high=True)
         for name, v in (("clock", clock), ("min_side", min_side), ("grace_period", grace_period)):
             check_int(name, v, 1)
-        super().__init__(delta=delta, clock=clock, min_window_length=min_side, grace_period=grace_period)
-
-    def _make(self):
-        return river_drift.ADWIN(**self.params)
+        super().__init__(river_drift.ADWIN, delta=delta, clock=clock, min_window_length=min_side,
+                         grace_period=grace_period)
 
     @property
     def mean(self) -> float:
